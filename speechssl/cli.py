@@ -1,0 +1,65 @@
+"""The ``speechssl`` command: a thin layer that parses arguments and calls library functions.
+
+Each subcommand lives in the module that does the work, as a pair ``add_arguments(parser)`` /
+``run(args) -> int`` plus a ``DESCRIPTION`` with a worked example; the table below lists them all.
+Command modules import heavy dependencies (torch, librosa) inside ``run`` so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from speechssl import __version__
+from speechssl import configure as config_cmd
+from speechssl.data import manifest as manifest_cmd
+from speechssl import corpus as synth_cmd
+
+# name -> (module, one-line help). Order is the order ``speechssl --help`` shows.
+COMMANDS = {
+    "manifest": (manifest_cmd, "audio folder -> fairseq manifests (tsv, transcripts, speakers), or --check one"),
+    "corpus": (synth_cmd, "synthesize the offline demo corpus (LibriSpeech layout) with Debian TTS engines"),
+    "config": (config_cmd, "print a recipe resolved with its base chain and key=value overrides"),
+}
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speechssl",
+        description="Self-supervised speech representation learning: wav2vec 2.0 / HuBERT pretraining, "
+        "CTC and speaker-ID fine-tuning, evaluation.",
+        epilog="Run 'speechssl COMMAND --help' for a command's options and a worked example.",
+    )
+    parser.add_argument("--version", action="version", version=f"speechssl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=module.DESCRIPTION, formatter_class=_Formatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    from speechssl.config import ConfigError
+
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as exc:
+        print(f"speechssl {args.command}: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"speechssl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
