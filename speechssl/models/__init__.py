@@ -1,0 +1,42 @@
+"""Models: wav2vec 2.0 (and the building blocks HuBERT shares with it).
+
+``build_model(cfg.model)`` is what the trainer calls; the ``*_config()`` functions spell out the
+published configurations as :class:`~speechssl.config.ModelConfig` objects.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from speechssl.config import ModelConfig
+from speechssl.models.wav2vec2 import (
+    Wav2Vec2Model,
+    wav2vec2_base,
+    wav2vec2_base_config,
+    wav2vec2_large,
+    wav2vec2_large_config,
+    wav2vec2_tiny,
+    wav2vec2_tiny_config,
+)
+
+MODEL_NAMES = ("wav2vec2",)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model named by ``cfg.name`` (``model.name`` in a recipe), built from ``cfg``."""
+    if cfg.name == "wav2vec2":
+        return Wav2Vec2Model(cfg)
+    raise ValueError(f"unknown model.name '{cfg.name}'; available: {', '.join(MODEL_NAMES)}")
+
+
+__all__ = [
+    "MODEL_NAMES",
+    "Wav2Vec2Model",
+    "build_model",
+    "wav2vec2_base",
+    "wav2vec2_base_config",
+    "wav2vec2_large",
+    "wav2vec2_large_config",
+    "wav2vec2_tiny",
+    "wav2vec2_tiny_config",
+]

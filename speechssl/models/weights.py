@@ -1,0 +1,166 @@
+"""Weight and config mapping between speechssl's wav2vec 2.0 and torchaudio / transformers / fairseq.
+
+Parameter names (``N`` = layer index; torchaudio's encoder names sit under ``encoder.transformer.``,
+transformers' under ``wav2vec2.``; fairseq names for reference)::
+
+    speechssl                                      torchaudio / transformers               fairseq
+    feature_extractor.conv_layers.N.conv.*         feature_extractor.conv_layers.N.conv.*        feature_extractor.conv_layers.N.0.*
+    feature_extractor.conv_layers.N.norm.*         feature_extractor.conv_layers.N.layer_norm.*  ...N.2.* (GroupNorm) / ...N.2.1.* (LayerNorm)
+    feature_projection.layer_norm.*                [encoder.]feature_projection.layer_norm.*     layer_norm.*
+    feature_projection.projection.*                [encoder.]feature_projection.projection.*     post_extract_proj.*
+    mask_emb                                       masked_spec_embed (transformers)              mask_emb
+    encoder.pos_conv.conv.bias                     encoder.pos_conv_embed.conv.bias              encoder.pos_conv.0.bias
+    encoder.pos_conv.conv.parametrizations.weight.original0 / original1
+                                                   ...pos_conv_embed.conv.parametrizations.weight.original0 / original1
+                                                   (older: weight_g / weight_v)                  encoder.pos_conv.0.weight_g / weight_v
+    encoder.layer_norm.*                           encoder.layer_norm.*                          encoder.layer_norm.*
+    encoder.layers.N.self_attn.qkv_proj.*          cat(attention.q_proj, k_proj, v_proj) on dim 0   cat(self_attn.q_proj, k_proj, v_proj)
+    encoder.layers.N.self_attn.out_proj.*          encoder.layers.N.attention.out_proj.*         encoder.layers.N.self_attn.out_proj.*
+    encoder.layers.N.self_attn_layer_norm.*        encoder.layers.N.layer_norm.*                 encoder.layers.N.self_attn_layer_norm.*
+    encoder.layers.N.fc1.* / fc2.*                 ...feed_forward.intermediate_dense / output_dense   encoder.layers.N.fc1 / fc2
+    encoder.layers.N.final_layer_norm.*            encoder.layers.N.final_layer_norm.*           (same)
+    quantizer.vars (1, G*V, d)                     quantizer.codevectors (transformers)          quantizer.vars
+    quantizer.weight_proj.*                        quantizer.weight_proj.*                       quantizer.weight_proj.*
+    project_q.*                                    project_q.*                                   project_q.*
+    final_proj.*                                   project_hid.* (transformers)                  final_proj.*
+
+torchaudio's ``Wav2Vec2Model`` is an encoder only (no mask embedding, quantizer or projections); its
+optional CTC head ``aux`` has no counterpart here and is reported as unmapped.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from speechssl.config import ModelConfig
+
+_LAYER = r"encoder\.(?:transformer\.)?layers\.(\d+)\."
+_RULES: list[tuple[str, str]] = [
+    (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(weight|bias)", r"feature_extractor.conv_layers.\1.conv.\2"),
+    (r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(weight|bias)", r"feature_extractor.conv_layers.\1.norm.\2"),
+    (r"(?:encoder\.)?feature_projection\.(layer_norm|projection)\.(weight|bias)", r"feature_projection.\1.\2"),
+    (r"masked_spec_embed", "mask_emb"),
+    (r"encoder\.(?:transformer\.)?pos_conv_embed\.conv\.bias", "encoder.pos_conv.conv.bias"),
+    (r"encoder\.(?:transformer\.)?pos_conv_embed\.conv\.(?:parametrizations\.weight\.original0|weight_g)",
+     "encoder.pos_conv.conv.parametrizations.weight.original0"),
+    (r"encoder\.(?:transformer\.)?pos_conv_embed\.conv\.(?:parametrizations\.weight\.original1|weight_v)",
+     "encoder.pos_conv.conv.parametrizations.weight.original1"),
+    (r"encoder\.(?:transformer\.)?layer_norm\.(weight|bias)", r"encoder.layer_norm.\1"),
+    (_LAYER + r"attention\.out_proj\.(weight|bias)", r"encoder.layers.\1.self_attn.out_proj.\2"),
+    (_LAYER + r"layer_norm\.(weight|bias)", r"encoder.layers.\1.self_attn_layer_norm.\2"),
+    (_LAYER + r"feed_forward\.intermediate_dense\.(weight|bias)", r"encoder.layers.\1.fc1.\2"),
+    (_LAYER + r"feed_forward\.output_dense\.(weight|bias)", r"encoder.layers.\1.fc2.\2"),
+    (_LAYER + r"final_layer_norm\.(weight|bias)", r"encoder.layers.\1.final_layer_norm.\2"),
+    (r"quantizer\.codevectors", "quantizer.vars"),
+    (r"quantizer\.weight_proj\.(weight|bias)", r"quantizer.weight_proj.\1"),
+    (r"project_q\.(weight|bias)", r"project_q.\1"),
+    (r"project_hid\.(weight|bias)", r"final_proj.\1"),
+]
+_QKV = re.compile(_LAYER + r"attention\.(q|k|v)_proj\.(weight|bias)")
+
+
+def convert_reference_state_dict(state_dict: Mapping[str, Tensor], strict: bool = True) -> dict[str, Tensor]:
+    """A torchaudio ``Wav2Vec2Model`` or transformers ``Wav2Vec2Model`` / ``Wav2Vec2ForPreTraining``
+    state dict -> speechssl parameter names (table in the module docstring).
+
+    Separate q/k/v projections are fused into ``qkv_proj``. Keys that have no counterpart raise
+    ValueError listing them; with ``strict=False`` they are dropped. Load the result with
+    ``model.load_state_dict(sd, strict=False)`` when the source lacks parts (torchaudio has no quantizer).
+    """
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
+    unmapped = []
+    for key, value in state_dict.items():
+        name = key[len("wav2vec2."):] if key.startswith("wav2vec2.") else key
+        m = _QKV.fullmatch(name)
+        if m:
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+            continue
+        for pattern, target in _RULES:
+            if re.fullmatch(pattern, name):
+                out[re.sub(pattern, target, name)] = value
+                break
+        else:
+            unmapped.append(key)
+    for (layer, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise ValueError(f"layer {layer}: attention {kind} needs q, k and v projections, found {sorted(parts)}")
+        out[f"encoder.layers.{layer}.self_attn.qkv_proj.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    if unmapped and strict:
+        raise ValueError(f"{len(unmapped)} parameters have no speechssl counterpart: {unmapped[:8]}"
+                         f"{' ...' if len(unmapped) > 8 else ''} (pass strict=False to drop them)")
+    return out
+
+
+def _get(cfg: Any, key: str) -> Any:
+    return cfg[key] if isinstance(cfg, Mapping) else getattr(cfg, key)
+
+
+def config_from_transformers(hf_config: Any) -> ModelConfig:
+    """A transformers ``Wav2Vec2Config`` (object or ``to_dict()``) -> :class:`ModelConfig`.
+
+    transformers has no ``feature_grad_mult`` (its gradient into the extractor is unscaled: 1.0 here)
+    and no temperature schedule in the config (speechssl's default schedule is kept).
+    """
+    c = lambda key: _get(hf_config, key)  # noqa: E731
+    return ModelConfig(
+        name="wav2vec2",
+        extractor_mode="default" if c("feat_extract_norm") == "group" else "layer_norm",
+        conv_feature_layers=[tuple(v) for v in zip(c("conv_dim"), c("conv_kernel"), c("conv_stride"))],
+        conv_bias=bool(c("conv_bias")), feature_grad_mult=1.0,
+        encoder_layers=c("num_hidden_layers"), encoder_embed_dim=c("hidden_size"),
+        encoder_ffn_embed_dim=c("intermediate_size"), encoder_attention_heads=c("num_attention_heads"),
+        activation_fn=c("hidden_act"), layer_norm_first=bool(c("do_stable_layer_norm")),
+        dropout=c("hidden_dropout"), attention_dropout=c("attention_dropout"),
+        activation_dropout=c("activation_dropout"), encoder_layerdrop=c("layerdrop"),
+        dropout_input=c("feat_proj_dropout"), dropout_features=c("feat_quantizer_dropout"),
+        conv_pos=c("num_conv_pos_embeddings"), conv_pos_groups=c("num_conv_pos_embedding_groups"),
+        final_dim=c("proj_codevector_dim"), quantize_targets=True, latent_vars=c("num_codevectors_per_group"),
+        latent_groups=c("num_codevector_groups"), latent_dim=c("codevector_dim"),
+        mask_prob=c("mask_time_prob"), mask_length=c("mask_time_length"),
+        mask_channel_prob=c("mask_feature_prob"), mask_channel_length=c("mask_feature_length"),
+        num_negatives=c("num_negatives"), logit_temp=c("contrastive_logits_temperature"),
+    )
+
+
+def transformers_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for transformers' ``Wav2Vec2Config`` describing the same network as ``cfg``."""
+    layers = cfg.conv_feature_layers
+    final_dim = cfg.final_dim if cfg.final_dim > 0 else cfg.encoder_embed_dim
+    return dict(
+        feat_extract_norm="group" if cfg.extractor_mode in ("default", "group_norm") else "layer",
+        conv_dim=[c for c, _, _ in layers], conv_kernel=[k for _, k, _ in layers],
+        conv_stride=[s for _, _, s in layers], conv_bias=cfg.conv_bias, feat_extract_activation="gelu",
+        num_hidden_layers=cfg.encoder_layers, hidden_size=cfg.encoder_embed_dim,
+        intermediate_size=cfg.encoder_ffn_embed_dim, num_attention_heads=cfg.encoder_attention_heads,
+        hidden_act=cfg.activation_fn, do_stable_layer_norm=cfg.layer_norm_first,
+        hidden_dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+        activation_dropout=cfg.activation_dropout, layerdrop=cfg.encoder_layerdrop,
+        feat_proj_dropout=cfg.dropout_input, feat_quantizer_dropout=cfg.dropout_features,
+        num_conv_pos_embeddings=cfg.conv_pos, num_conv_pos_embedding_groups=cfg.conv_pos_groups,
+        proj_codevector_dim=final_dim, num_codevectors_per_group=cfg.latent_vars,
+        num_codevector_groups=cfg.latent_groups, codevector_dim=cfg.latent_dim if cfg.latent_dim > 0 else final_dim,
+        mask_time_prob=cfg.mask_prob, mask_time_length=cfg.mask_length, mask_time_min_masks=2,
+        mask_feature_prob=cfg.mask_channel_prob, mask_feature_length=cfg.mask_channel_length,
+        num_negatives=cfg.num_negatives, contrastive_logits_temperature=cfg.logit_temp,
+        layer_norm_eps=1e-5,
+    )
+
+
+def torchaudio_model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for ``torchaudio.models.wav2vec2_model`` describing ``cfg``'s encoder."""
+    return dict(
+        extractor_mode="group_norm" if cfg.extractor_mode in ("default", "group_norm") else "layer_norm",
+        extractor_conv_layer_config=[tuple(layer) for layer in cfg.conv_feature_layers],
+        extractor_conv_bias=cfg.conv_bias, encoder_embed_dim=cfg.encoder_embed_dim,
+        encoder_projection_dropout=cfg.dropout_input, encoder_pos_conv_kernel=cfg.conv_pos,
+        encoder_pos_conv_groups=cfg.conv_pos_groups, encoder_num_layers=cfg.encoder_layers,
+        encoder_num_heads=cfg.encoder_attention_heads, encoder_attention_dropout=cfg.attention_dropout,
+        encoder_ff_interm_features=cfg.encoder_ffn_embed_dim, encoder_ff_interm_dropout=cfg.activation_dropout,
+        encoder_dropout=cfg.dropout, encoder_layer_norm_first=cfg.layer_norm_first,
+        encoder_layer_drop=cfg.encoder_layerdrop, aux_num_out=None,
+    )

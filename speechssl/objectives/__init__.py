@@ -1,0 +1,44 @@
+"""Training objectives. ``build_objective(cfg.criterion, cfg.model)`` is what the trainer calls.
+
+Every objective is a callable ``objective(model, batch) -> LossOutput`` (see :class:`LossOutput` for
+the fairseq sum-over-units convention).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from speechssl.config import CriterionConfig, ModelConfig
+from speechssl.objectives.contrastive import Wav2Vec2Criterion, contrastive_logits, sample_negatives
+from speechssl.objectives.output import LossOutput
+
+OBJECTIVE_NAMES = ("wav2vec",)
+
+
+def _wav2vec_weights(loss_weights: list[float]) -> tuple[float, float]:
+    """criterion.loss_weights -> (diversity, feature penalty); one value applies to both (fairseq)."""
+    if len(loss_weights) == 0:
+        return 0.0, 0.0
+    if len(loss_weights) == 1:
+        return loss_weights[0], loss_weights[0]
+    if len(loss_weights) == 2:
+        return loss_weights[0], loss_weights[1]
+    raise ValueError(f"criterion.loss_weights has {len(loss_weights)} values; wav2vec 2.0 has two extra "
+                     "losses: [diversity, feature_penalty] (e.g. [0.1, 10.0])")
+
+
+def build_objective(criterion_cfg: CriterionConfig, model_cfg: ModelConfig) -> Any:
+    """The objective named by ``criterion.name``, configured from the criterion and model sections."""
+    if criterion_cfg.name == "wav2vec":
+        if not criterion_cfg.infonce:
+            raise ValueError("criterion.infonce=false (wav2vec 1.0's binary loss) is not supported; "
+                             "wav2vec 2.0 uses infonce: true")
+        if model_cfg.name != "wav2vec2":
+            raise ValueError(f"criterion.name 'wav2vec' needs model.name 'wav2vec2', got '{model_cfg.name}'")
+        diversity, feature_pen = _wav2vec_weights(list(criterion_cfg.loss_weights))
+        return Wav2Vec2Criterion(model_cfg.num_negatives, model_cfg.logit_temp, diversity, feature_pen)
+    raise ValueError(f"unknown criterion.name '{criterion_cfg.name}'; available: {', '.join(OBJECTIVE_NAMES)}")
+
+
+__all__ = ["LossOutput", "OBJECTIVE_NAMES", "Wav2Vec2Criterion", "build_objective", "contrastive_logits",
+           "sample_negatives"]

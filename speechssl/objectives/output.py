@@ -1,0 +1,23 @@
+"""What every training objective returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass
+class LossOutput:
+    """One batch's loss, fairseq convention.
+
+    loss: fp32 scalar, a SUM over the ``sample_size`` units (masked frames for pretraining), so the
+        trainer divides by the (all-reduced) ``sample_size`` to get the per-unit mean.
+    sample_size: integer scalar tensor.
+    logs: detached scalars (tensors or floats) for logging; per-unit means unless named otherwise.
+    """
+
+    loss: Tensor
+    sample_size: Tensor
+    logs: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,217 @@
+"""wav2vec 2.0 building blocks: dropout, attention, quantizer, encoder options, configurations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from speechssl.models import (
+    Wav2Vec2Model,
+    build_model,
+    wav2vec2_base_config,
+    wav2vec2_large_config,
+    wav2vec2_tiny_config,
+)
+from speechssl.models.components import (
+    ConvFeatureExtractor,
+    SelfAttention,
+    TransformerEncoder,
+    conv1d_nlc,
+    dropout,
+)
+from speechssl.models.quantizer import GumbelVectorQuantizer
+
+from wav2vec2_fixtures import single_thread  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_cpu_dropout_statistics_and_gradient():
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = dropout(x, 0.1, training=True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.002
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.9)
+    assert dropout(x, 0.1, training=False) is x
+    bf = dropout(torch.ones(64, 64, dtype=torch.bfloat16), 0.5, True)
+    assert bf.dtype == torch.bfloat16 and set(bf.unique().tolist()) <= {0.0, 2.0}
+    torch.manual_seed(1)
+    a = dropout(torch.ones(100), 0.3, True)
+    torch.manual_seed(1)
+    assert torch.equal(a, dropout(torch.ones(100), 0.3, True))  # reproducible from the global seed
+
+
+def test_attention_dropout_path_equals_fused_path():
+    """With attention dropout, CPU training computes softmax(QK^T)V explicitly: same function as SDPA."""
+    torch.manual_seed(0)
+    attn = SelfAttention(32, 4, dropout=1e-9).train()  # explicit path; keeps every weight
+    x = torch.randn(3, 20, 32)
+    pad = torch.arange(20)[None, :] >= torch.tensor([20, 15, 9])[:, None]
+    explicit = attn(x, pad)
+    attn.eval()
+    fused = attn(x, pad)
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-5)
+    # padded keys are ignored: changing padded inputs leaves valid outputs unchanged
+    x2 = x.masked_fill(pad.unsqueeze(-1), 5.0)
+    torch.testing.assert_close(attn(x2, pad)[~pad], fused[~pad], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (2, 2), (10, 5), (4, 3), (1, 1), (2, 5)])
+def test_channels_last_conv_matches_conv1d(kernel, stride):
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 41, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, kernel, dtype=torch.float64, requires_grad=True)
+    ref = F.conv1d(x, w, stride=stride)
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (x, w), grad)
+    out = conv1d_nlc(x.transpose(1, 2), w, stride)
+    torch.testing.assert_close(out, ref.transpose(1, 2))
+    grads = torch.autograd.grad(out, (x, w), grad.transpose(1, 2))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv1d_nlc(x.float().transpose(1, 2), w.float(), stride).dtype == torch.bfloat16
+
+
+def test_output_lengths_match_conv_stack():
+    extractor = ConvFeatureExtractor(wav2vec2_tiny_config().conv_feature_layers)
+    for samples in (400, 401, 719, 720, 16000, 16321):
+        frames = extractor(torch.zeros(1, samples)).shape[1]
+        assert extractor.output_lengths(torch.tensor(samples)).item() == frames
+    assert extractor.output_lengths(torch.tensor(0)).item() == 0
+    with pytest.raises(ValueError, match="receptive field"):
+        extractor(torch.zeros(1, 300))
+    with pytest.raises(ValueError, match="extractor_mode"):
+        ConvFeatureExtractor([(8, 2, 2)], mode="batch_norm")
+
+
+def test_quantizer_temperature_schedule():
+    q = GumbelVectorQuantizer(8, 4, 2, 8, temp=(2.0, 0.5, 0.999995))
+    assert q.curr_temp == 2.0
+    q.set_num_updates(100_000)
+    assert q.curr_temp == pytest.approx(2.0 * 0.999995**100_000)
+    q.set_num_updates(10_000_000)
+    assert q.curr_temp == 0.5
+    model = build_model(wav2vec2_tiny_config())
+    model.set_num_updates(1000)
+    assert model.quantizer.curr_temp == pytest.approx(2.0 * 0.999995**1000)
+
+
+def test_quantizer_eval_selects_argmax_codevectors():
+    torch.manual_seed(0)
+    q = GumbelVectorQuantizer(8, 5, 2, 6).eval()
+    x = torch.randn(4, 7, 8)
+    out = q(x)
+    logits = q.weight_proj(x).view(4, 7, 2, 5)
+    codes = logits.argmax(-1)
+    assert torch.equal(out["codes"], codes)
+    book = q.vars.view(2, 5, 3)
+    expected = torch.cat([book[0][codes[..., 0]], book[1][codes[..., 1]]], dim=-1)
+    assert torch.equal(out["x"], expected)
+    hard = F.one_hot(codes.view(-1, 2), 5).float().mean(0)
+    ppl = torch.exp(-(hard * torch.log(hard + 1e-7)).sum(-1)).sum()
+    assert out["code_perplexity"].item() == pytest.approx(ppl.item(), rel=1e-6)
+    soft = logits.view(-1, 2, 5).softmax(-1).mean(0)
+    ppl = torch.exp(-(soft * torch.log(soft + 1e-7)).sum(-1)).sum()
+    assert out["prob_perplexity"].item() == pytest.approx(ppl.item(), rel=1e-6)
+    padded = torch.zeros(4, 7, dtype=torch.bool)
+    padded[1:, 3:] = True  # perplexities only over the valid frames
+    masked = q(x, padded)
+    valid = q(x[~padded])
+    assert torch.equal(masked["x"], out["x"])
+    for key in ("code_perplexity", "prob_perplexity"):
+        assert masked[key].item() == pytest.approx(valid[key].item(), rel=1e-6)
+
+
+def test_quantizer_straight_through_gradient_matches_one_hot_product():
+    """Index-based selection gives the same values and gradients as fairseq's
+    ``gumbel_softmax(hard=True)`` one-hot multiplied with the codebook."""
+    torch.manual_seed(0)
+    q = GumbelVectorQuantizer(8, 5, 2, 6, temp=(1.5, 0.5, 0.9)).train()
+    x = torch.randn(30, 8)
+    weight = torch.randn(30, 6)
+    torch.manual_seed(1)
+    out = q(x)
+    (out["x"] * weight).sum().backward()
+    ours = {n: p.grad.clone() for n, p in q.named_parameters()}
+    q.zero_grad()
+    torch.manual_seed(1)  # same gumbel noise: exponential_() on a tensor of the logits' shape
+    logits = q.weight_proj(x).float().view(30, 2, 5)
+    gumbels = -torch.empty_like(logits).exponential_().log()
+    soft = ((logits + gumbels) / 1.5).softmax(-1)
+    hard = F.one_hot(soft.argmax(-1), 5).float()
+    st = hard - soft.detach() + soft
+    ref = torch.einsum("ngv,gvd->ngd", st, q.vars.view(2, 5, 3)).reshape(30, 6)
+    (ref * weight).sum().backward()
+    torch.testing.assert_close(out["x"], ref)
+    for name, p in q.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_encoder_output_layer_and_layerdrop():
+    torch.manual_seed(0)
+    enc = TransformerEncoder(16, 32, 4, 2, 0.0, 0.0, 0.0, False, layerdrop=0.5, conv_pos=4, conv_pos_groups=2)
+    x = torch.randn(2, 10, 16)
+    enc.eval()
+    full, layers = enc(x)
+    assert len(layers) == 4 and torch.equal(full, layers[-1])
+    second, partial = enc(x, output_layer=2)
+    assert len(partial) == 2 and torch.equal(second, layers[1])
+    enc.train()
+    counts = {len(enc(x)[1]) for _ in range(30)}
+    assert len(counts) > 1 and max(counts) <= 4  # LayerDrop skips layers in training only
+    with pytest.raises(ValueError, match="output_layer"):
+        enc(x, output_layer=5)
+
+
+def test_pre_ln_encoder_applies_final_layer_norm_except_at_output_layer():
+    torch.manual_seed(0)
+    enc = TransformerEncoder(16, 32, 2, 2, 0.0, 0.0, 0.0, True, 0.0, conv_pos=4, conv_pos_groups=2).eval()
+    x = torch.randn(2, 10, 16)
+    out, layers = enc(x)
+    torch.testing.assert_close(out, enc.layer_norm(layers[-1]))
+    last, _ = enc(x, output_layer=2)
+    assert torch.equal(last, layers[-1])
+
+
+def test_channel_masking_zeroes_whole_channels():
+    cfg = dataclasses.replace(wav2vec2_tiny_config(), mask_prob=0.0, mask_channel_prob=0.5, mask_channel_length=8)
+    model = Wav2Vec2Model(cfg)
+    x = torch.randn(3, 20, cfg.encoder_embed_dim) + 10.0
+    masked, idx = model.apply_mask(x, None)
+    assert idx is None
+    zero = (masked == 0).all(dim=1)  # (B, D) channels zeroed over every frame
+    assert zero.any(dim=1).all()
+    assert torch.equal(masked[~zero.unsqueeze(1).expand_as(masked)], x[~zero.unsqueeze(1).expand_as(x)])
+
+
+def test_features_only_and_no_mask_outputs():
+    torch.manual_seed(0)
+    model = build_model(wav2vec2_tiny_config()).eval()
+    source = torch.randn(2, 8000)
+    out = model(source, mask=False, features_only=True)
+    assert out["mask_indices"] is None and out["padding_mask"] is None and "pred" not in out
+    assert out["x"].shape == (2, 24, 48) and out["features"].shape == (2, 24, 32)
+    with pytest.raises(ValueError, match="mask=True"):
+        model(source, mask=False)
+    layer1 = model(source, mask=False, features_only=True, output_layer=1)
+    torch.testing.assert_close(layer1["x"], out["layer_results"][0])
+
+
+def test_published_configurations():
+    base, large = wav2vec2_base_config(), wav2vec2_large_config()
+    with torch.device("meta"):
+        n_base = sum(p.numel() for p in build_model(base).parameters())
+        n_large = sum(p.numel() for p in build_model(large).parameters())
+    assert 94e6 < n_base < 96e6 and 316e6 < n_large < 319e6
+    assert (base.extractor_mode, base.conv_bias, base.layer_norm_first) == ("default", False, False)
+    assert (large.extractor_mode, large.conv_bias, large.layer_norm_first) == ("layer_norm", True, True)
+    assert base.latent_temp == (2.0, 0.5, 0.999995) and base.mask_prob == 0.65 and base.num_negatives == 100
+    tiny = build_model(wav2vec2_tiny_config())
+    assert sum(p.numel() for p in tiny.parameters()) < 200_000
