@@ -14,12 +14,16 @@ from speechssl import __version__
 from speechssl import configure as config_cmd
 from speechssl.data import manifest as manifest_cmd
 from speechssl import corpus as synth_cmd
+from speechssl import pretrain as pretrain_cmd
+from speechssl.train import plot as plot_cmd
 
 # name -> (module, one-line help). Order is the order ``speechssl --help`` shows.
 COMMANDS = {
     "manifest": (manifest_cmd, "audio folder -> fairseq manifests (tsv, transcripts, speakers), or --check one"),
     "corpus": (synth_cmd, "synthesize the offline demo corpus (LibriSpeech layout) with Debian TTS engines"),
     "config": (config_cmd, "print a recipe resolved with its base chain and key=value overrides"),
+    "pretrain": (pretrain_cmd, "self-supervised pretraining (wav2vec 2.0): CPU, GPUs, torchrun; resumes itself"),
+    "plot": (plot_cmd, "PNG plots of a training run's curves (loss, accuracy, perplexity, LR, throughput)"),
 }
 
 

@@ -1,0 +1,131 @@
+"""torch.distributed set-up: torchrun (one or many nodes), local spawning, device choice, small collectives.
+
+* Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the environment) every process joins
+  the group torchrun's rendezvous set up; multi-node works the same way (see the README).
+* ``distributed_training.nproc=N`` without torchrun spawns N local processes (torch.multiprocessing)
+  on a free localhost port.
+* Backend ``auto``: NCCL on CUDA, gloo on CPU. On CUDA, process ``local_rank`` uses GPU ``local_rank``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from speechssl.config import CommonConfig, ConfigError, DistributedTrainingConfig
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def select_device(common: CommonConfig, local_rank: int = 0) -> torch.device:
+    """``common.device``: auto (CUDA when available) | cpu | cuda | cuda:N."""
+    name = common.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"common.device={common.device}: CUDA is not available here; use common.device=cpu")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    if name != "cpu":
+        raise ConfigError(f"common.device: '{common.device}' is not auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def init_distributed(common: CommonConfig, dcfg: DistributedTrainingConfig, rank: int = 0, world_size: int = 1,
+                     local_rank: int = 0) -> DistEnv:
+    """Join the process group (when world_size > 1) and pick this process's device."""
+    if launched_by_torchrun():
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+    device = select_device(common, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = dcfg.distributed_backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend not in ("nccl", "gloo"):
+            raise ConfigError(f"distributed_training.distributed_backend: '{backend}' is not auto, nccl or gloo")
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
+    if device.type == "cpu" and world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(local_rank: int, fn: Callable[..., Any], nproc: int, args: tuple) -> None:
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
+                      LOCAL_WORLD_SIZE=str(nproc))
+    fn(*args)
+
+
+def spawn(fn: Callable[..., Any], nproc: int, args: tuple = ()) -> None:
+    """Run ``fn(*args)`` in ``nproc`` local processes set up as torchrun would (env rendezvous)."""
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(_free_port())
+    mp.spawn(_spawned, args=(fn, nproc, args), nprocs=nproc, join=True)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum across ranks (no-op when not distributed)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

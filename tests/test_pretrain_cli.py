@@ -1,0 +1,82 @@
+"""`speechssl pretrain` end to end on a tiny corpus (in-process), its outputs, and its config errors."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from speechssl.cli import main
+from speechssl.config import config_from_dict
+from train_fixtures import make_corpus, tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    man = make_corpus(tmp, {"train": [6000 + 300 * i for i in range(12)], "valid": [7000, 9000, 3000]})
+    return tmp, man
+
+
+def test_run_writes_checkpoints_metrics_tensorboard_config(corpus, capsys):
+    tmp, man = corpus
+    recipe = tiny_recipe(tmp / "r.yaml", optimization={"max_update": 6}, checkpoint={"save_interval_updates": 3})
+    run = tmp / "run"
+    assert main(["pretrain", str(recipe), f"task.data={man}", f"checkpoint.save_dir={run}"]) == 0
+    out = capsys.readouterr().out
+    assert "update      2 | loss" in out and "accuracy" in out and "code_perplexity" in out and "lr" in out
+    assert "audio_sec_per_sec" in out and "eta" in out
+    assert "1 shorter than task.min_sample_size dropped" not in out  # valid's 3000 is dropped, not train's
+    assert "valid: " in out and "(1 dropped)" in out
+
+    names = {p.name for p in run.iterdir()}
+    assert {"checkpoint_1_3.pt", "checkpoint_last.pt", "checkpoint_best.pt", "config.yaml", "metrics.jsonl",
+            "tb"} <= names
+    state = torch.load(run / "checkpoint_last.pt", weights_only=True)
+    assert state["num_updates"] == 6 and state["config"]["task"]["data"] == str(man)
+    assert set(state) >= {"model", "optimizer", "scaler", "epoch", "batch_offset", "rng", "config"}
+    assert len(state["rng"]) == 1 and isinstance(state["rng"][0]["torch"], torch.Tensor)
+    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    assert cfg.optimization.max_update == 6 and cfg.model.encoder_layers == 2
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in recs if r["split"] == "train"] == [2, 4, 6]
+    assert any(r["split"] == "valid" for r in recs)
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_print_config(corpus, capsys):
+    tmp, man = corpus
+    assert main(["pretrain", "recipes/wav2vec2_base.yaml", f"task.data={man}", "optimization.lr=1e-4",
+                 "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["optimization"]["lr"] == 1e-4 and cfg["task"]["data"] == str(man)
+
+
+@pytest.mark.parametrize("args, code, message", [
+    ([], 2, "task.data"),  # ??? in the recipe
+    (["task.data=/nonexistent/dir"], 1, "not a directory"),
+    (["task.data={man}", "optimization.max_update=0"], 2, "set optimization.max_update"),
+    (["task.data={man}", "common.bf16=true", "common.fp16=true"], 2, "choose one"),
+    (["task.data={man}", "task.max_sample_size=2000000"], 2, "exceeds dataset.max_tokens"),
+    (["task.data={man}", "optimizer.nme=adam"], 2, "did you mean 'name'"),
+    (["task.data={man}", "--force"], 2, "--force only applies with --restart"),
+])
+def test_config_errors(corpus, capsys, args, code, message):
+    tmp, man = corpus
+    args = [a.format(man=man) for a in args]
+    assert main(["pretrain", "recipes/wav2vec2_base.yaml", f"checkpoint.save_dir={tmp / 'bad'}", *args]) == code
+    captured = capsys.readouterr()
+    assert message in captured.err + captured.out
+
+
+def test_best_checkpoint_metric(corpus, capsys):
+    tmp, man = corpus
+    recipe = tiny_recipe(tmp / "best.yaml", optimization={"max_update": 3}, checkpoint={"save_interval_updates": 1})
+    base = ["pretrain", str(recipe), f"task.data={man}"]
+    assert main(base + [f"checkpoint.save_dir={tmp / 'acc'}", "checkpoint.best_checkpoint_metric=accuracy",
+                        "checkpoint.maximize_best_checkpoint_metric=true"]) == 0
+    state = torch.load(tmp / "acc" / "checkpoint_best.pt", weights_only=True)
+    valid = [json.loads(x) for x in (tmp / "acc" / "metrics.jsonl").read_text().splitlines() if '"valid"' in x]
+    assert state["best"] == pytest.approx(max(r["accuracy"] for r in valid), abs=1e-6)
+    assert main(base + [f"checkpoint.save_dir={tmp / 'wer'}", "checkpoint.best_checkpoint_metric=wer"]) == 2
+    assert "'wer' is not a validation metric" in capsys.readouterr().err
