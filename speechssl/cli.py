@@ -16,6 +16,9 @@ from speechssl.data import manifest as manifest_cmd
 from speechssl import corpus as synth_cmd
 from speechssl import pretrain as pretrain_cmd
 from speechssl.train import plot as plot_cmd
+from speechssl.features import cli as features_cmd
+from speechssl.cluster import kmeans_cli as kmeans_cmd
+from speechssl.cluster import label_cli as label_cmd
 
 # name -> (module, one-line help). Order is the order ``speechssl --help`` shows.
 COMMANDS = {
@@ -24,6 +27,9 @@ COMMANDS = {
     "config": (config_cmd, "print a recipe resolved with its base chain and key=value overrides"),
     "pretrain": (pretrain_cmd, "self-supervised pretraining (wav2vec 2.0): CPU, GPUs, torchrun; resumes itself"),
     "plot": (plot_cmd, "PNG plots of a training run's curves (loss, accuracy, perplexity, LR, throughput)"),
+    "features": (features_cmd, "HuBERT k-means inputs: MFCC or a model layer's frame features, sharded"),
+    "kmeans": (kmeans_cmd, "fit k-means (greedy k-means++ + Lloyd, torch) on sampled frame features"),
+    "label": (label_cmd, "HuBERT frame labels <split>.km + dict.km.txt from features and a k-means model"),
 }
 
 
