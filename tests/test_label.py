@@ -24,12 +24,7 @@ from train_fixtures import make_corpus
 TRAIN = [8000, 16000, 12345, 19200, 9600, 24000]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
