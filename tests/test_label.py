@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from speechssl.cli import main
 from speechssl.cluster.kmeans import KMeansModel
