@@ -66,7 +66,7 @@ class CommonConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "audio_pretraining"  # audio_pretraining | hubert_pretraining | audio_finetuning
+    name: str = "audio_pretraining"  # audio_pretraining | hubert_pretraining | audio_finetuning | speaker_id
     data: str = ""  # manifest directory (train.tsv, valid.tsv, label files)
     labels: list[str] = field(default_factory=list)  # label file extensions, e.g. [ltr] or [km]
     label_dir: Optional[str] = None  # where label files live when not beside the TSVs
@@ -77,6 +77,10 @@ class TaskConfig:
     max_sample_size: Optional[int] = None  # random crop to at most this many samples
     min_sample_size: Optional[int] = None  # drop utterances shorter than this
     random_crop: bool = True
+    # CTC fine-tuning: output symbols (fairseq dictionary order, blank "<s>" first), filled from
+    # dict.ltr.txt or the sentencepiece model when empty and saved in the checkpoint
+    vocab: list[str] = field(default_factory=list)
+    spm_model: Optional[str] = None  # sentencepiece model for task.labels=[wrd] (speechssl spm train)
 
 
 @dataclass
@@ -217,6 +221,21 @@ class ModelConfig:
     skip_masked: bool = False
     skip_nomask: bool = False
     untie_final_proj: bool = False
+    # classes per label set (the lines of dict.<label>.txt); filled from the dictionaries by the
+    # hubert_pretraining task and saved in checkpoints, so a checkpoint rebuilds without them
+    num_classes: list[int] = field(default_factory=list)
+    # labels per second (fairseq's HubertConfig.label_rate = ${task.label_rate}); -1: take task.label_rate
+    label_rate: float = -1.0
+    # fine-tuning (fairseq's Wav2Vec2AsrConfig names; see speechssl/tasks/ctc.py)
+    w2v_path: Optional[str] = None  # pretrained checkpoint; None: train the same architecture from scratch
+    apply_mask: bool = True  # time/channel masking of the upstream during fine-tuning
+    final_dropout: float = 0.0  # dropout before the output layer
+    freeze_finetune_updates: int = 0  # updates during which only the output layer trains
+    no_pretrained_weights: bool = False  # with w2v_path: its architecture, random weights (a baseline)
+    # speaker ID (task.name speaker_id; see speechssl/tasks/speaker_id.py and speechssl/models/speaker.py)
+    freeze_upstream: bool = False  # SUPERB: only the head learns; the upstream stays in eval mode, no grad
+    projector_dim: int = 256  # head: Linear(D, projector_dim) on the layer-weighted sum (s3prl); 0: none
+    pooling: str = "mean"  # head: mean (masked mean) | attentive (attentive statistics: mean + std)
 
 
 @dataclass
@@ -250,7 +269,7 @@ class Config:
 
 
 # Keys fairseq spells differently, per section: fairseq name -> speechssl name.
-ALIASES: dict[str, str] = {"_name": "name"}
+ALIASES: dict[str, str] = {"_name": "name", "layerdrop": "encoder_layerdrop"}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""``speechssl pretrain RECIPE [section.key=value ...]``: self-supervised pretraining (wav2vec 2.0).
+"""``speechssl pretrain RECIPE [section.key=value ...]``: self-supervised pretraining (wav2vec 2.0, HuBERT).
 
 The task part is small: :func:`build_pretraining` makes the model, the objective and the datasets from
-the config; the training loop, checkpoints, resume and logging live in :mod:`speechssl.train.loop`.
+the config (``task.name``: ``audio_pretraining`` for wav2vec 2.0, ``hubert_pretraining`` for HuBERT,
+see :func:`build_hubert_pretraining`); the training loop, checkpoints, resume and logging live in
+:mod:`speechssl.train.loop`.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import os
 import sys
 
 DESCRIPTION = """\
-Pretrain a wav2vec 2.0 model on unlabeled audio (fairseq's audio_pretraining task) from a recipe
-(YAML, fairseq key names) and section.key=value overrides. Runs on CPU or GPU (common.device=auto),
+Pretrain a wav2vec 2.0 model on unlabeled audio (fairseq's audio_pretraining task), or HuBERT on
+cluster labels of that audio (hubert_pretraining: task.labels=[km], label files <split>.km and
+dict.km.txt from 'speechssl label' in task.label_dir), from a recipe (YAML, fairseq key names) and
+section.key=value overrides. Runs on CPU or GPU (common.device=auto),
 on several local processes (distributed_training.nproc=N), or under torchrun on one or many nodes.
 
 Outputs in checkpoint.save_dir: config.yaml (the resolved recipe), metrics.jsonl (train and valid
@@ -34,6 +38,12 @@ Examples:
   # two local processes without torchrun (gloo on CPU, NCCL on GPUs)
   speechssl pretrain recipes/wav2vec2_tiny.yaml task.data=manifests/demo distributed_training.nproc=2
 
+  # HuBERT, both iterations on the demo corpus (labels: tools/hubert_labels.sh; all of it: tools/hubert_demo.sh)
+  speechssl pretrain recipes/hubert_tiny.yaml task.data=manifests/demo/unlabeled \\
+      task.label_dir=work/it1/labels task.label_rate=100 checkpoint.save_dir=runs/hubert_it1
+  speechssl pretrain recipes/hubert_tiny.yaml task.data=manifests/demo/unlabeled \\
+      task.label_dir=work/it2/labels task.label_rate=50 checkpoint.save_dir=runs/hubert_it2
+
   # show the resolved configuration and exit
   speechssl pretrain recipes/wav2vec2_base.yaml task.data=manifests/librispeech --print-config
 """
@@ -49,7 +59,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_pretraining(cfg):
-    """Model, objective, datasets and health alarms of wav2vec 2.0 pretraining (a TrainingSetup)."""
+    """Model, objective, datasets and health alarms of wav2vec 2.0 pretraining (a TrainingSetup);
+    HuBERT's (:func:`build_hubert_pretraining`) when ``task.name`` is ``hubert_pretraining``."""
+    if cfg.task.name == "hubert_pretraining":
+        return build_hubert_pretraining(cfg)
+    if cfg.task.name != "audio_pretraining":
+        from speechssl.config import ConfigError
+
+        raise ConfigError(f"task.name '{cfg.task.name}' is not a pretraining task: use audio_pretraining (wav2vec "
+                          "2.0) or hubert_pretraining (HuBERT); fine-tuning tasks run with 'speechssl finetune'")
     from speechssl.data.dataset import dataset_for_split
     from speechssl.models import build_model
     from speechssl.objectives import build_objective
@@ -69,6 +87,62 @@ def build_pretraining(cfg):
     return TrainingSetup(
         model=model, objective=objective, train_data=train, valid_data=valid, health=health,
         find_unused_parameters=cfg.distributed_training.find_unused_parameters or m.encoder_layerdrop > 0,
+    )
+
+
+def build_hubert_pretraining(cfg):
+    """HuBERT: label dictionaries -> ``model.num_classes`` / ``model.label_rate``, model, objective,
+    datasets with label targets checked against the audio lengths, chance-accuracy alarm (a TrainingSetup).
+
+    ``model.num_classes`` and ``model.label_rate`` are filled from the dictionaries and ``task.label_rate``
+    (and stored in the checkpoints' config); values set in the recipe must agree with them.
+    """
+    from pathlib import Path
+
+    from speechssl.config import ConfigError
+    from speechssl.data.dataset import dataset_for_split
+    from speechssl.data.labels import LabelCollater, LabelDictionary, check_label_lengths
+    from speechssl.models.hubert import HubertModel
+    from speechssl.objectives import build_objective
+    from speechssl.train.loop import TrainingSetup
+    from speechssl.train.metrics import HealthMonitor
+
+    t, m = cfg.task, cfg.model
+    if m.name != "hubert":
+        raise ConfigError(f"task.name=hubert_pretraining needs model.name=hubert, got '{m.name}'")
+    if not t.labels:
+        raise ConfigError("task.labels is empty: HuBERT needs frame labels, e.g. task.labels=[km] (files <split>.km "
+                          "and dict.km.txt from 'speechssl label')")
+    if t.label_rate <= 0:
+        raise ConfigError("set task.label_rate (labels per second): 100 for MFCC k-means labels, 50 for labels of "
+                          "layer features (iteration 2)")
+    if m.label_rate > 0 and m.label_rate != t.label_rate:
+        raise ConfigError(f"model.label_rate={m.label_rate:g} differs from task.label_rate={t.label_rate:g}; "
+                          "leave model.label_rate unset (it follows the task)")
+    label_dir = Path(t.label_dir) if t.label_dir else Path(t.data)
+    dictionaries = [LabelDictionary(label_dir / f"dict.{name}.txt") for name in t.labels]
+    num_classes = [len(d) for d in dictionaries]
+    if m.num_classes and list(m.num_classes) != num_classes:
+        raise ConfigError(f"model.num_classes={list(m.num_classes)} but the dictionaries in {label_dir} have "
+                          f"{num_classes} classes; leave model.num_classes unset (it is read from them)")
+    m.num_classes, m.label_rate = num_classes, t.label_rate
+
+    model = HubertModel(m, sample_rate=t.sample_rate)
+    objective = build_objective(cfg.criterion, m)
+    train = dataset_for_split(cfg, cfg.dataset.train_subset, t.labels)
+    check_label_lengths(train, t.labels, t.label_rate)
+    valid = None
+    if not cfg.dataset.disable_validation:
+        valid = dataset_for_split(cfg, cfg.dataset.valid_subset, t.labels)
+        check_label_lengths(valid, t.labels, t.label_rate)
+    health = HealthMonitor(chance_accuracy=1.0 / min(num_classes),
+                           start_update=min(max(2 * cfg.lr_scheduler.warmup_updates, 500), 5000))
+    return TrainingSetup(
+        model=model, objective=objective, train_data=train, valid_data=valid,
+        collate=LabelCollater(dictionaries, t.label_rate, t.sample_rate, pad=t.enable_padding), health=health,
+        find_unused_parameters=cfg.distributed_training.find_unused_parameters or m.encoder_layerdrop > 0,
+        summary=[f"labels: {', '.join(t.labels)} from {label_dir}, {num_classes} classes, {t.label_rate:g} labels/s "
+                 f"(chance accuracy {1.0 / min(num_classes):.3f})"],
     )
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
-from speechssl.features.store import FeatureSet, FeatureStoreError, file_sha1, resolve_shards
+from speechssl.features.store import FeatureSet, file_sha1, resolve_shards
 from speechssl.utils.io import atomic_write_text
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Models: wav2vec 2.0 (and the building blocks HuBERT shares with it).
+"""Models: wav2vec 2.0 and HuBERT (which shares wav2vec 2.0's building blocks).
 
 ``build_model(cfg.model)`` is what the trainer calls; the ``*_config()`` functions spell out the
 published configurations as :class:`~speechssl.config.ModelConfig` objects.
@@ -9,6 +9,15 @@ from __future__ import annotations
 from torch import nn
 
 from speechssl.config import ModelConfig
+from speechssl.models.hubert import (
+    HubertModel,
+    hubert_base,
+    hubert_base_config,
+    hubert_large,
+    hubert_large_config,
+    hubert_tiny,
+    hubert_tiny_config,
+)
 from speechssl.models.wav2vec2 import (
     Wav2Vec2Model,
     wav2vec2_base,
@@ -19,20 +28,29 @@ from speechssl.models.wav2vec2 import (
     wav2vec2_tiny_config,
 )
 
-MODEL_NAMES = ("wav2vec2",)
+MODEL_NAMES = ("wav2vec2", "hubert")
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The model named by ``cfg.name`` (``model.name`` in a recipe), built from ``cfg``."""
     if cfg.name == "wav2vec2":
         return Wav2Vec2Model(cfg)
+    if cfg.name == "hubert":
+        return HubertModel(cfg)
     raise ValueError(f"unknown model.name '{cfg.name}'; available: {', '.join(MODEL_NAMES)}")
 
 
 __all__ = [
+    "HubertModel",
     "MODEL_NAMES",
     "Wav2Vec2Model",
     "build_model",
+    "hubert_base",
+    "hubert_base_config",
+    "hubert_large",
+    "hubert_large_config",
+    "hubert_tiny",
+    "hubert_tiny_config",
     "wav2vec2_base",
     "wav2vec2_base_config",
     "wav2vec2_large",

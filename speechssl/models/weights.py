@@ -1,4 +1,4 @@
-"""Weight and config mapping between speechssl's wav2vec 2.0 and torchaudio / transformers / fairseq.
+"""Weight and config mapping between speechssl's wav2vec 2.0 / HuBERT and torchaudio / transformers / fairseq.
 
 Parameter names (``N`` = layer index). torchaudio (TA) and transformers (HF) use the same names except
 for prefixes: TA's encoder sits under ``encoder.transformer.`` (its feature projection under
@@ -27,10 +27,25 @@ for prefixes: TA's encoder sits under ``encoder.transformer.`` (its feature proj
 
 torchaudio's ``Wav2Vec2Model`` is an encoder only (no mask embedding, quantizer or projections); its
 optional CTC head ``aux`` has no counterpart here and is reported as unmapped.
+
+HuBERT (:class:`~speechssl.models.hubert.HubertModel`) shares every name above except the quantizer.
+transformers' ``HubertModel`` uses the wav2vec 2.0 names (prefix ``hubert.`` inside ``HubertForCTC``);
+it has no pretraining head. torchaudio's ``HuBERTPretrainModel`` nests the encoder under ``wav2vec2.``
+and adds::
+
+    speechssl                  TA HuBERTPretrainModel               FS HubertModel
+    mask_emb                   mask_generator.mask_embedding        mask_emb
+    final_proj                 logit_generator.final_proj           final_proj
+    label_embs_concat (K, F)   logit_generator.label_embeddings     label_embs_concat (4 + K, F) per set
+
+fairseq's label embeddings have one row per entry of its ``Dictionary`` of ``dict.km.txt``, which
+starts with the four specials ``<s> <pad> </s> <unk>``: its rows ``4 .. 4+K-1`` (per label set) are
+speechssl's rows ``0 .. K-1``. torchaudio has one label set and a single (tied) ``final_proj``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Mapping
 
@@ -60,13 +75,19 @@ _RULES: list[tuple[str, str]] = [
     (r"quantizer\.weight_proj\.(weight|bias)", r"quantizer.weight_proj.\1"),
     (r"project_q\.(weight|bias)", r"project_q.\1"),
     (r"project_hid\.(weight|bias)", r"final_proj.\1"),
+    # torchaudio HuBERTPretrainModel
+    (r"mask_generator\.mask_embedding", "mask_emb"),
+    (r"logit_generator\.label_embeddings", "label_embs_concat"),
+    (r"logit_generator\.final_proj\.(weight|bias)", r"final_proj.\1"),
 ]
+_PREFIXES = ("wav2vec2.", "hubert.")
 _QKV = re.compile(_LAYER + r"attention\.(q|k|v)_proj\.(weight|bias)")
 
 
 def convert_reference_state_dict(state_dict: Mapping[str, Tensor], strict: bool = True) -> dict[str, Tensor]:
-    """A torchaudio ``Wav2Vec2Model`` or transformers ``Wav2Vec2Model`` / ``Wav2Vec2ForPreTraining``
-    state dict -> speechssl parameter names (table in the module docstring).
+    """A torchaudio ``Wav2Vec2Model`` / ``HuBERTPretrainModel`` or transformers ``Wav2Vec2Model`` /
+    ``Wav2Vec2ForPreTraining`` / ``HubertModel`` state dict -> speechssl parameter names (tables in the
+    module docstring).
 
     Separate q/k/v projections are fused into ``qkv_proj``. Keys that have no counterpart raise
     ValueError listing them; with ``strict=False`` they are dropped. Load the result with
@@ -76,7 +97,7 @@ def convert_reference_state_dict(state_dict: Mapping[str, Tensor], strict: bool 
     qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
     unmapped = []
     for key, value in state_dict.items():
-        name = key[len("wav2vec2."):] if key.startswith("wav2vec2.") else key
+        name = next((key[len(p):] for p in _PREFIXES if key.startswith(p)), key)
         m = _QKV.fullmatch(name)
         if m:
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
@@ -164,4 +185,87 @@ def torchaudio_model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
         encoder_ff_interm_features=cfg.encoder_ffn_embed_dim, encoder_ff_interm_dropout=cfg.activation_dropout,
         encoder_dropout=cfg.dropout, encoder_layer_norm_first=cfg.layer_norm_first,
         encoder_layer_drop=cfg.encoder_layerdrop, aux_num_out=None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# HuBERT
+# --------------------------------------------------------------------------------------------------
+
+
+def hubert_config_from_transformers(hf_config: Any, num_classes: list[int] | None = None,
+                                    label_rate: float = -1.0) -> ModelConfig:
+    """A transformers ``HubertConfig`` (object or ``to_dict()``) -> :class:`ModelConfig` (``name: hubert``).
+
+    transformers' HuBERT has no pretraining head: ``num_classes`` / ``label_rate`` (and ``final_dim`` 256,
+    untied projection, as HuBERT BASE) describe the head to add, if any; its gradient into the
+    extractor is unscaled (``feature_grad_mult`` 1.0).
+    """
+    from speechssl.models.hubert import hubert_base_config
+
+    c = lambda key: _get(hf_config, key)  # noqa: E731
+    if c("conv_pos_batch_norm") if _has(hf_config, "conv_pos_batch_norm") else False:
+        raise ValueError("HubertConfig.conv_pos_batch_norm=True (a batch-normed positional convolution) has no "
+                         "speechssl counterpart")
+    if not (c("feat_proj_layer_norm") if _has(hf_config, "feat_proj_layer_norm") else True):
+        raise ValueError("HubertConfig.feat_proj_layer_norm=False (no LayerNorm before the feature projection) has "
+                         "no speechssl counterpart")
+    return dataclasses.replace(
+        hubert_base_config(num_classes or [], label_rate),
+        extractor_mode="default" if c("feat_extract_norm") == "group" else "layer_norm",
+        conv_feature_layers=[tuple(v) for v in zip(c("conv_dim"), c("conv_kernel"), c("conv_stride"))],
+        conv_bias=bool(c("conv_bias")), feature_grad_mult=1.0,
+        encoder_layers=c("num_hidden_layers"), encoder_embed_dim=c("hidden_size"),
+        encoder_ffn_embed_dim=c("intermediate_size"), encoder_attention_heads=c("num_attention_heads"),
+        activation_fn=c("hidden_act"), layer_norm_first=bool(c("do_stable_layer_norm")),
+        dropout=c("hidden_dropout"), attention_dropout=c("attention_dropout"),
+        activation_dropout=c("activation_dropout"), encoder_layerdrop=c("layerdrop"),
+        dropout_input=c("feat_proj_dropout"),
+        conv_pos=c("num_conv_pos_embeddings"), conv_pos_groups=c("num_conv_pos_embedding_groups"),
+        mask_prob=c("mask_time_prob"), mask_length=c("mask_time_length"),
+        mask_channel_prob=c("mask_feature_prob"), mask_channel_length=c("mask_feature_length"),
+    )
+
+
+def _has(cfg: Any, key: str) -> bool:
+    return key in cfg if isinstance(cfg, Mapping) else hasattr(cfg, key)
+
+
+def hubert_transformers_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for transformers' ``HubertConfig`` describing ``cfg``'s network (encoder only)."""
+    layers = cfg.conv_feature_layers
+    return dict(
+        feat_extract_norm="group" if cfg.extractor_mode in ("default", "group_norm") else "layer",
+        conv_dim=[c for c, _, _ in layers], conv_kernel=[k for _, k, _ in layers],
+        conv_stride=[s for _, _, s in layers], conv_bias=cfg.conv_bias, feat_extract_activation="gelu",
+        num_hidden_layers=cfg.encoder_layers, hidden_size=cfg.encoder_embed_dim,
+        intermediate_size=cfg.encoder_ffn_embed_dim, num_attention_heads=cfg.encoder_attention_heads,
+        hidden_act=cfg.activation_fn, do_stable_layer_norm=cfg.layer_norm_first,
+        hidden_dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+        activation_dropout=cfg.activation_dropout, layerdrop=cfg.encoder_layerdrop,
+        feat_proj_dropout=cfg.dropout_input, feat_proj_layer_norm=True, conv_pos_batch_norm=False,
+        num_conv_pos_embeddings=cfg.conv_pos, num_conv_pos_embedding_groups=cfg.conv_pos_groups,
+        mask_time_prob=cfg.mask_prob, mask_time_length=cfg.mask_length, mask_time_min_masks=2,
+        mask_feature_prob=cfg.mask_channel_prob, mask_feature_length=cfg.mask_channel_length,
+        layer_norm_eps=1e-5,
+    )
+
+
+def torchaudio_hubert_pretrain_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for ``torchaudio.models.wav2vec2.model.hubert_pretrain_model`` describing ``cfg``
+    (one label set; torchaudio's projection is shared, i.e. ``untie_final_proj`` makes no difference)."""
+    if len(cfg.num_classes) != 1:
+        raise ValueError(f"torchaudio's HuBERT has exactly one label set, model.num_classes={cfg.num_classes}")
+    kwargs = torchaudio_model_kwargs(cfg)
+    kwargs.pop("aux_num_out")
+    return dict(
+        kwargs,
+        mask_prob=cfg.mask_prob, mask_selection=cfg.mask_selection, mask_other=cfg.mask_other,
+        mask_length=cfg.mask_length, no_mask_overlap=cfg.no_mask_overlap, mask_min_space=cfg.mask_min_space,
+        mask_channel_prob=cfg.mask_channel_prob, mask_channel_selection=cfg.mask_channel_selection,
+        mask_channel_other=cfg.mask_channel_other, mask_channel_length=cfg.mask_channel_length,
+        no_mask_channel_overlap=cfg.no_mask_channel_overlap, mask_channel_min_space=cfg.mask_channel_min_space,
+        skip_masked=cfg.skip_masked, skip_nomask=cfg.skip_nomask, num_classes=cfg.num_classes[0],
+        final_dim=cfg.final_dim if cfg.final_dim > 0 else cfg.encoder_embed_dim,
+        feature_grad_mult=cfg.feature_grad_mult,
     )

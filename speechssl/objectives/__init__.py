@@ -10,9 +10,10 @@ from typing import Any
 
 from speechssl.config import CriterionConfig, ModelConfig
 from speechssl.objectives.contrastive import Wav2Vec2Criterion, contrastive_logits, sample_negatives
+from speechssl.objectives.hubert import HubertCriterion
 from speechssl.objectives.output import LossOutput
 
-OBJECTIVE_NAMES = ("wav2vec",)
+OBJECTIVE_NAMES = ("wav2vec", "hubert")
 
 
 def _wav2vec_weights(loss_weights: list[float]) -> tuple[float, float]:
@@ -37,8 +38,17 @@ def build_objective(criterion_cfg: CriterionConfig, model_cfg: ModelConfig) -> A
             raise ValueError(f"criterion.name 'wav2vec' needs model.name 'wav2vec2', got '{model_cfg.name}'")
         diversity, feature_pen = _wav2vec_weights(list(criterion_cfg.loss_weights))
         return Wav2Vec2Criterion(model_cfg.num_negatives, model_cfg.logit_temp, diversity, feature_pen)
+    if criterion_cfg.name == "hubert":
+        if model_cfg.name != "hubert":
+            raise ValueError(f"criterion.name 'hubert' needs model.name 'hubert', got '{model_cfg.name}'")
+        weights = list(criterion_cfg.loss_weights)
+        if len(weights) > 1:
+            raise ValueError(f"criterion.loss_weights has {len(weights)} values; HuBERT has one extra loss: "
+                             "[feature_penalty] (e.g. [10.0])")
+        return HubertCriterion(criterion_cfg.pred_masked_weight, criterion_cfg.pred_nomask_weight,
+                               weights[0] if weights else 0.0)
     raise ValueError(f"unknown criterion.name '{criterion_cfg.name}'; available: {', '.join(OBJECTIVE_NAMES)}")
 
 
-__all__ = ["LossOutput", "OBJECTIVE_NAMES", "Wav2Vec2Criterion", "build_objective", "contrastive_logits",
-           "sample_negatives"]
+__all__ = ["HubertCriterion", "LossOutput", "OBJECTIVE_NAMES", "Wav2Vec2Criterion", "build_objective",
+           "contrastive_logits", "sample_negatives"]
