@@ -46,3 +46,35 @@ def kaldi_mfcc_deltas(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
     deltas = F.compute_deltas(mfcc)
     ddeltas = F.compute_deltas(deltas)
     return torch.cat([mfcc, deltas, ddeltas], dim=0).T.contiguous()
+
+
+class DecoderUnavailable(ImportError):
+    """torchaudio's CTC beam-search decoder needs the optional ``flashlight-text`` package."""
+
+
+def ctc_beam_decoder(tokens: list[str], *, lexicon: str | None = None, lm: str | None = None, nbest: int = 1,
+                     beam_size: int = 50, beam_size_token: int | None = None, beam_threshold: float = 50.0,
+                     lm_weight: float = 2.0, word_score: float = 0.0, unk_score: float = float("-inf"),
+                     sil_score: float = 0.0, blank_token: str = "<s>", sil_token: str = "|",
+                     unk_word: str = "<unk>"):
+    """torchaudio's flashlight CTC beam-search decoder (``torchaudio.models.decoder.ctc_decoder``).
+
+    tokens: output symbols in model order; lexicon: optional ``word spelling...`` file (lexicon-constrained
+    search); lm: optional KenLM model (ARPA or binary). Call the result on ``(B, L, V)`` fp32 CPU
+    log-probabilities (and ``(B,)`` lengths): it returns, per utterance, a list of hypotheses with
+    ``.tokens``, ``.words`` and ``.score``. Raises :class:`DecoderUnavailable` with the install command
+    when ``flashlight-text`` is missing.
+    """
+    try:
+        import flashlight.lib.text  # noqa: F401  (the dependency torchaudio's decoder wraps)
+    except ImportError:
+        raise DecoderUnavailable(
+            "beam search with a lexicon / KenLM language model needs the flashlight-text package: "
+            "pip install 'speechssl[decode]' (or pip install flashlight-text); or decode with --decoder greedy "
+            "or --decoder beam (speechssl's own prefix beam search, no language model)") from None
+    from torchaudio.models.decoder import ctc_decoder
+
+    return ctc_decoder(
+        lexicon=lexicon, tokens=tokens, lm=lm, nbest=nbest, beam_size=beam_size, beam_size_token=beam_size_token,
+        beam_threshold=beam_threshold, lm_weight=lm_weight, word_score=word_score, unk_score=unk_score,
+        sil_score=sil_score, log_add=False, blank_token=blank_token, sil_token=sil_token, unk_word=unk_word)

@@ -1,6 +1,7 @@
-"""Seeded splits for ``speechssl manifest``: carving a validation set, and a speaker-balanced subset.
+"""Seeded splits for ``speechssl manifest``: carving a validation set (or, for closed-set speaker
+identification, a validation and a test set), and a speaker-balanced subset.
 
-Both functions take items with ``.speaker`` (str or None) and ``.seconds`` and a ``sort_key``, and are
+The functions take items with ``.speaker`` (str or None) and ``.seconds`` and a ``sort_key``, and are
 deterministic for a seed: inputs are sorted first, and randomness comes from ``random.Random(seed)``.
 """
 
@@ -78,6 +79,23 @@ def carve_valid(items: Sequence[T], fraction: float, seed: int, by: str = "utter
     else:
         raise SplitError(f"split_by must be 'utterance' or 'speaker', got {by!r}")
     return sorted(train, key=lambda it: it.sort_key), sorted(valid, key=lambda it: it.sort_key)
+
+
+def carve_closed_set(items: Sequence[T], valid_fraction: float, test_fraction: float,
+                     seed: int) -> tuple[list[T], list[T], list[T]]:
+    """Closed-set speaker-identification split ``(train, valid, test)``, each sorted by ``sort_key``.
+
+    Holds out about ``valid_fraction`` and ``test_fraction`` of every speaker's utterances (test first,
+    then valid from the rest, each as :func:`carve_valid` with ``by="utterance"``: proportional to the
+    speakers' utterance counts), so all three splits have the same speakers; every speaker keeps at
+    least one training utterance.
+    """
+    if valid_fraction < 0 or test_fraction < 0 or valid_fraction + test_fraction >= 1.0:
+        raise SplitError(f"valid ({valid_fraction}) and test ({test_fraction}) fractions must be >= 0 and sum "
+                         "to less than 1")
+    rest, test = carve_valid(items, test_fraction, seed, "utterance")
+    train, valid = carve_valid(rest, valid_fraction / (1.0 - test_fraction), seed + 1, "utterance")
+    return train, valid, test
 
 
 def _allocate(total: int, sizes: dict, capacity: dict, rng: random.Random) -> dict:

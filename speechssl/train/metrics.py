@@ -28,7 +28,7 @@ _LAST = ("lr", "loss_scale", "epoch")
 _NOT_LOGGED = ("skipped", "overflow", "nonfinite")
 # Columns of the progress line, in order, with their format.
 _SHOWN = (("loss", ".3f"), ("contrastive", ".3f"), ("diversity", ".3f"), ("feature_pen", ".3f"),
-          ("accuracy", ".3f"), ("code_perplexity", ".1f"), ("prob_perplexity", ".1f"), ("temp", ".3f"),
+          ("accuracy", ".3f"), ("wer", ".2f"), ("cer", ".2f"), ("emit_ratio", ".2f"), ("code_perplexity", ".1f"), ("prob_perplexity", ".1f"), ("temp", ".3f"),
           ("lr", ".2e"), ("grad_norm", ".2f"), ("audio_sec_per_sec", ".0f"))
 
 
@@ -87,14 +87,17 @@ class HealthMonitor:
     * codebook collapse: ``code_perplexity`` below 10% of the codebook (groups x entries);
     * accuracy stuck at chance (1 / (1 + negatives)) once ``start_update`` updates are done;
     * loss diverging: smoothed loss 50% (and 0.5 nats) above its best smoothed value.
-    Any of the three is skipped when its setting is None.
+    * CTC fine-tuning stuck emitting only blanks: ``emit_ratio`` (symbols emitted / target tokens)
+      below 0.05 once ``blank_alarm_update`` updates are done.
+    Any of them is skipped when its setting is None.
     """
 
     def __init__(self, codebook_size: Optional[int] = None, chance_accuracy: Optional[float] = None,
-                 start_update: int = 1000):
+                 start_update: int = 1000, blank_alarm_update: Optional[int] = None):
         self.codebook_size = codebook_size
         self.chance = chance_accuracy
         self.start_update = start_update
+        self.blank_alarm_update = blank_alarm_update
         self.ema: Optional[float] = None
         self.best_ema = math.inf
 
@@ -107,6 +110,15 @@ class HealthMonitor:
         acc = record.get("accuracy")
         if self.chance and acc is not None and n >= self.start_update and acc < 1.5 * self.chance:
             alarms.append(f"accuracy {acc:.3f} still at chance ({self.chance:.3f}) after {n} updates")
+        emit = record.get("emit_ratio")
+        if self.blank_alarm_update is not None and emit is not None and n >= self.blank_alarm_update \
+                and emit < 0.05:
+            alarms.append(
+                f"the model emits only blanks after {n} updates ({100 * emit:.1f}% of the target tokens; WER stays "
+                "~100%). Likely causes: learning rate too high (optimization.lr; published 3e-5..5e-5) or warmup too "
+                "short; encoder unfrozen too early or too late (model.freeze_finetune_updates); a vocabulary that "
+                "does not match the labels (task.labels, dict.ltr.txt / task.spm_model); too few updates yet "
+                "(from-scratch and weakly pretrained models sit on the all-blank plateau for hundreds of updates)")
         loss = record.get("loss")
         if loss is not None and math.isfinite(loss):
             self.ema = loss if self.ema is None else 0.7 * self.ema + 0.3 * loss

@@ -22,6 +22,8 @@ PANELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "loss": ("loss per frame (nats)", ("loss", "contrastive")),
     "loss_terms": ("extra loss terms", ("diversity", "feature_pen")),
     "accuracy": ("accuracy", ("accuracy",)),
+    "error_rate": ("error rate % (CTC, greedy)", ("wer", "cer")),
+    "emit_ratio": ("CTC symbols emitted / target tokens", ("emit_ratio",)),
     "perplexity": ("codebook perplexity", ("code_perplexity", "prob_perplexity")),
     "lr": ("learning rate", ("lr",)),
     "grad_norm": ("gradient norm", ("grad_norm",)),

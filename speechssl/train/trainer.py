@@ -41,7 +41,8 @@ from speechssl.train.distributed import DistEnv, all_gather_object, all_reduce_s
 from speechssl.train.lr_scheduler import build_lr_schedule
 from speechssl.train.optim import build_optimizer
 
-SUM_KEYS = frozenset({"num_masked", "nsentences", "ntokens", "sample_size", "correct", "count"})
+SUM_KEYS = frozenset({"num_masked", "nsentences", "ntokens", "sample_size", "correct", "count",
+                      "w_errors", "w_total", "c_errors", "c_total"})
 VALID_STREAM = 0x7A11D  # seed-stream tag of validation batches
 
 
@@ -265,7 +266,10 @@ class Trainer:
             return None
         keys = parts[0][0]
         totals = np.sum([p[1] for p in parts], axis=0).tolist()
-        return self._stats(totals, keys)
+        stats = self._stats(totals, keys)
+        if hasattr(self.objective, "derived_metrics"):  # e.g. CTC: wer/cer from the summed error counts
+            stats.update(self.objective.derived_metrics(stats))
+        return stats
 
     # ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
