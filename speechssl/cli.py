@@ -15,10 +15,14 @@ from speechssl import configure as config_cmd
 from speechssl.data import manifest as manifest_cmd
 from speechssl import corpus as synth_cmd
 from speechssl import pretrain as pretrain_cmd
+from speechssl import finetune as finetune_cmd
+from speechssl import evaluate as evaluate_cmd
+from speechssl.text import spm as spm_cmd
 from speechssl.train import plot as plot_cmd
 from speechssl.features import cli as features_cmd
 from speechssl.cluster import kmeans_cli as kmeans_cmd
 from speechssl.cluster import label_cli as label_cmd
+from speechssl.interop import cli as interop_cli
 
 # name -> (module, one-line help). Order is the order ``speechssl --help`` shows.
 COMMANDS = {
@@ -26,10 +30,16 @@ COMMANDS = {
     "corpus": (synth_cmd, "synthesize the offline demo corpus (LibriSpeech layout) with Debian TTS engines"),
     "config": (config_cmd, "print a recipe resolved with its base chain and key=value overrides"),
     "pretrain": (pretrain_cmd, "self-supervised pretraining (wav2vec 2.0): CPU, GPUs, torchrun; resumes itself"),
+    "finetune": (finetune_cmd, "fine-tune a pretrained upstream: CTC speech recognition or speaker ID; resumes itself"),
+    "evaluate": (evaluate_cmd, "score a fine-tuned checkpoint on a manifest split: WER/CER (CTC) or speaker ID"),
+    "spm": (spm_cmd, "train a sentencepiece unigram/BPE model on .wrd transcripts (CTC output units)"),
     "plot": (plot_cmd, "PNG plots of a training run's curves (loss, accuracy, perplexity, LR, throughput)"),
     "features": (features_cmd, "HuBERT k-means inputs: MFCC or a model layer's frame features, sharded"),
     "kmeans": (kmeans_cmd, "fit k-means (greedy k-means++ + Lloyd, torch) on sampled frame features"),
     "label": (label_cmd, "HuBERT frame labels <split>.km + dict.km.txt from features and a k-means model"),
+    "import": (interop_cli.import_command, "fairseq .pt / transformers / torchaudio / fairseq2 checkpoint -> speechssl"),
+    "export": (interop_cli.export_command, "speechssl checkpoint -> transformers / torchaudio / fairseq2 / ONNX"),
+    "extract": (interop_cli.extract_command, "per-utterance layer-wise encoder features (memory-mappable, sharded)"),
 }
 
 

@@ -1,0 +1,158 @@
+"""transformers folders, both ways, for wav2vec 2.0 / HuBERT pretraining and CTC models, BASE and LARGE
+layouts: outputs through transformers == speechssl outputs (eval mode, padded batch, valid frames)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from speechssl.cli import main
+from speechssl.decode.greedy import greedy_decode
+from speechssl.interop.common import load_speechssl
+from speechssl.text.vocab import Vocabulary
+
+from test_interop_common import (
+    STYLES, TOL, VOCAB, features, max_diff, padded_batch, save_ctc, save_model, tiny_ctc, tiny_model,
+)
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def hf_hidden(hf_model, source, padding_mask):
+    """Outputs of transformers' base model (Wav2Vec2Model / HubertModel) inside ``hf_model``."""
+    base = getattr(hf_model, "wav2vec2", None) or getattr(hf_model, "hubert", None) or hf_model
+    with torch.no_grad():
+        return base.eval()(source, attention_mask=(~padding_mask).long(), output_hidden_states=True)
+
+
+def assert_layers_match(ours, hf_out, valid, n_layers):
+    # transformers' hidden_states = (input of layer 1, output of layer 1, ..., output of the last layer)
+    assert len(hf_out.hidden_states) == n_layers + 1
+    for mine, theirs in zip(ours["layer_results"], hf_out.hidden_states[1:]):
+        assert max_diff(mine, theirs, valid) < TOL
+    assert max_diff(ours["x"], hf_out.last_hidden_state, valid) < TOL
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_export_wav2vec2_pretraining(tmp_path, style):
+    model = tiny_model("wav2vec2", style)
+    ckpt = save_model(tmp_path / "m.pt", model)
+    out = tmp_path / "hf"
+    assert main(["export", str(ckpt), "--to", "hf", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and json.loads((out / "config.json").read_text())[
+        "architectures"] == ["Wav2Vec2ForPreTraining"]
+    hf, info = transformers.Wav2Vec2ForPreTraining.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    source, padding_mask, _ = padded_batch()
+    ours = features(model, source, padding_mask)
+    valid = ~ours["padding_mask"]
+    hf_out = hf_hidden(hf.eval(), source, padding_mask)
+    assert_layers_match(ours, hf_out, valid, model.cfg.encoder_layers)
+    # pretraining heads: same quantized targets and context projections
+    with torch.no_grad():
+        q = model.quantizer(ours["features"])["x"]
+        hf_q, _ = hf.quantizer(hf.wav2vec2.feature_projection(hf.wav2vec2.feature_extractor(source).transpose(1, 2))[1])
+        assert max_diff(model.project_q(q), hf.project_q(hf_q), valid) < TOL
+        assert max_diff(model.final_proj(ours["x"]), hf.project_hid(hf_out.last_hidden_state), valid) < TOL
+    assert main(["export", str(ckpt), "--to", "hf", "--out", str(out)]) == 1  # exists
+    assert main(["export", str(ckpt), "--to", "hf", "--out", str(out), "--force"]) == 0
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_import_wav2vec2_pretraining(tmp_path, style):
+    from speechssl.models.weights import transformers_config_kwargs
+
+    cfg = tiny_model("wav2vec2", style).cfg
+    torch.manual_seed(1)
+    hf = transformers.Wav2Vec2ForPreTraining(transformers.Wav2Vec2Config(**transformers_config_kwargs(cfg))).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "imported.pt"
+    assert main(["import", str(tmp_path / "hf"), "--from", "hf", "--out", str(out)]) == 0
+    loaded = load_speechssl(out)
+    source, padding_mask, _ = padded_batch(seed=1)
+    ours = features(loaded.model, source, padding_mask)
+    assert_layers_match(ours, hf_hidden(hf, source, padding_mask), ~ours["padding_mask"], cfg.encoder_layers)
+    assert torch.equal(loaded.model.quantizer.vars, hf.quantizer.codevectors)
+
+
+def test_import_encoder_only_folder(tmp_path, capsys):
+    """A transformers Wav2Vec2Model folder has no pretraining heads: they are initialised and listed."""
+    from speechssl.models.weights import transformers_config_kwargs
+
+    cfg = tiny_model("wav2vec2", "base").cfg
+    hf = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**transformers_config_kwargs(cfg))).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "imported.pt"
+    assert main(["import", str(tmp_path / "hf"), "--from", "hf", "--out", str(out)]) == 0
+    assert "freshly initialised: final_proj.bias" in capsys.readouterr().out
+    source, padding_mask, _ = padded_batch()
+    ours = features(load_speechssl(out).model, source, padding_mask)
+    assert_layers_match(ours, hf_hidden(hf, source, padding_mask), ~ours["padding_mask"], cfg.encoder_layers)
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_hubert_both_ways(tmp_path, style):
+    model = tiny_model("hubert", style)
+    ckpt = save_model(tmp_path / "h.pt", model)
+    out = tmp_path / "hf"
+    assert main(["export", str(ckpt), "--to", "hf", "--out", str(out)]) == 0
+    hf, info = transformers.HubertModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    source, padding_mask, _ = padded_batch()
+    ours = features(model, source, padding_mask)
+    assert_layers_match(ours, hf_hidden(hf.eval(), source, padding_mask), ~ours["padding_mask"],
+                        model.cfg.encoder_layers)
+    back = tmp_path / "back.pt"
+    assert main(["import", str(out), "--from", "hf", "--out", str(back)]) == 0
+    loaded = load_speechssl(back)
+    assert loaded.cfg.model.name == "hubert" and loaded.cfg.model.layer_norm_first == (style == "large")
+    assert max_diff(features(loaded.model, source, padding_mask)["x"], ours["x"], ~ours["padding_mask"]) == 0
+
+
+@pytest.mark.parametrize("name,style", [("wav2vec2", "base"), ("hubert", "large")])
+def test_ctc_export_transcribes_the_same_text(tmp_path, name, style):
+    ctc, cfg = tiny_ctc(name, style)
+    ckpt = save_ctc(tmp_path / "ctc.pt", ctc, cfg)
+    out = tmp_path / "hf_ctc"
+    assert main(["export", str(ckpt), "--to", "hf", "--out", str(out)]) == 0
+    cls = transformers.HubertForCTC if name == "hubert" else transformers.Wav2Vec2ForCTC
+    hf, info = cls.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    processor = transformers.Wav2Vec2Processor.from_pretrained(out)
+    source, padding_mask, lengths = padded_batch()
+    with torch.no_grad():
+        ours = ctc(source, padding_mask)
+        inputs = processor([s[:n].numpy() for s, n in zip(source, lengths)], sampling_rate=16000,
+                           return_tensors="pt", padding=True, return_attention_mask=True)
+        assert torch.equal(inputs.input_values, source)  # do_normalize false: the same waveforms
+        logits = hf.eval()(inputs.input_values, attention_mask=inputs.attention_mask).logits
+    valid = ~ours["padding_mask"]
+    assert max_diff(ours["logits"], logits, valid) < TOL
+    vocab = Vocabulary(VOCAB, "letter")
+    ours_text = [vocab.decode(ids) for ids in greedy_decode(ours["logits"], ours["lengths"])]
+    ids = logits.argmax(-1).masked_fill(~valid, processor.tokenizer.pad_token_id)
+    hf_text = processor.batch_decode(ids)
+    assert hf_text == ours_text
+    assert all(t.strip() for t in ours_text)  # not trivially empty
+
+    back = tmp_path / "back.pt"
+    assert main(["import", str(out), "--from", "hf", "--out", str(back)]) == 0
+    loaded = load_speechssl(back)
+    assert loaded.is_ctc and loaded.vocab == VOCAB and loaded.cfg.model.name == name
+    with torch.no_grad():
+        assert max_diff(loaded.model(source, padding_mask)["logits"], ours["logits"], valid) == 0
+
+
+def test_import_errors(tmp_path):
+    assert main(["import", str(tmp_path / "nothing"), "--from", "hf", "--out", str(tmp_path / "o.pt")]) == 1
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    from speechssl.interop.common import InteropError
+    from speechssl.interop.hf import import_hf
+
+    with pytest.raises(InteropError, match="model_type 'bert'"):
+        import_hf(tmp_path / "d")
