@@ -12,7 +12,7 @@
 #    curves; re-running resumes, or returns at once when the run is finished;
 # 5. fine-tunes it with CTC on the 10-minute labeled subset, trains the same architecture from scratch
 #    with the same updates, evaluates both on the held-out test speakers and prints the WER/CER table
-#    (tools/experiment_low_resource.py; DEMO_FT_UPDATES updates each, default 1000, both at once).
+#    (tools/experiment_low_resource.py; DEMO_FT_UPDATES updates each, default 2000, both at once; ~12 min).
 # 6. speaker ID on the 24 training speakers (closed set, a quarter of each speaker's utterances held
 #    out): the SUPERB head on the frozen pretrained upstream, 400 updates (~2 min), then
 #    'speechssl evaluate' prints its accuracy (and a cosine EER) on the held-out utterances.
@@ -51,7 +51,7 @@ speechssl plot "$RUNS/wav2vec2_tiny"
 
 step "6/7 CTC fine-tuning on 10 min of labels: pretrained vs from scratch -> $RUNS/demo_ctc"
 python tools/experiment_low_resource.py --pretrained "wav2vec2=$RUNS/wav2vec2_tiny/checkpoint_best.pt" \
-    --labeled "$MANIFESTS/labeled_10min" --work "$RUNS/demo_ctc" --updates "${DEMO_FT_UPDATES:-1000}" --parallel
+    --labeled "$MANIFESTS/labeled_10min" --work "$RUNS/demo_ctc" --updates "${DEMO_FT_UPDATES:-2000}" --parallel
 
 step "7/7 speaker ID: frozen pretrained upstream + SUPERB head, 24 speakers -> $RUNS/speaker_id_demo"
 # closed set: a quarter of every training speaker's utterances held out; checkpoint_last (no selection on valid)
