@@ -8,8 +8,9 @@ pretraining (:func:`speechssl.train.loop.run_training`: resume, DDP, logging, pl
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+
+from speechssl.text.vocab import VocabError
+from speechssl.train.command import add_recipe_arguments, run_recipe
 
 DESCRIPTION = """\
 Fine-tune a pretrained wav2vec 2.0 / HuBERT checkpoint (model.w2v_path) on labeled audio: CTC speech
@@ -47,12 +48,7 @@ Examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML (path, or a name under recipes/)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="typed recipe overrides")
-    p.add_argument("--restart", action="store_true",
-                   help="start over instead of resuming from save_dir/checkpoint_last.pt")
-    p.add_argument("--force", action="store_true", help="with --restart: delete the previous run in save_dir")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_recipe_arguments(p)
 
 
 def builder_for(task_name: str):
@@ -72,27 +68,4 @@ def builder_for(task_name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    if "torch" not in sys.modules:  # idle OpenMP threads sleep instead of spinning (see pretrain.py)
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from speechssl.config import config_to_yaml, load_config
-
-    cfg = load_config(args.recipe, args.overrides)
-    if args.print_config:
-        print(config_to_yaml(cfg), end="")
-        return 0
-    if args.force and not args.restart:
-        print("speechssl finetune: --force only applies with --restart (a run resumes without it)")
-        return 2
-    build = builder_for(cfg.task.name)
-    from speechssl.data.dataset import ManifestError
-    from speechssl.text.vocab import VocabError
-    from speechssl.train.loop import RunOptions, run_training
-    from speechssl.train.trainer import NonFiniteError
-
-    cfg.checkpoint.restart = cfg.checkpoint.restart or args.restart
-    try:
-        run_training(cfg, build, RunOptions(restart=cfg.checkpoint.restart, force=args.force))
-    except (ManifestError, NonFiniteError, VocabError) as exc:
-        print(f"speechssl finetune: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_recipe(args, "finetune", lambda cfg: builder_for(cfg.task.name), errors=(VocabError,))

@@ -9,8 +9,8 @@ see :func:`build_hubert_pretraining`); the training loop, checkpoints, resume an
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+
+from speechssl.train.command import add_recipe_arguments, run_recipe
 
 DESCRIPTION = """\
 Pretrain a wav2vec 2.0 model on unlabeled audio (fairseq's audio_pretraining task), or HuBERT on
@@ -50,12 +50,7 @@ Examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML (path, or a name under recipes/)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="typed recipe overrides")
-    p.add_argument("--restart", action="store_true",
-                   help="start over instead of resuming from save_dir/checkpoint_last.pt")
-    p.add_argument("--force", action="store_true", help="with --restart: delete the previous run in save_dir")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_recipe_arguments(p)
 
 
 def build_pretraining(cfg):
@@ -147,27 +142,4 @@ def build_hubert_pretraining(cfg):
 
 
 def run(args: argparse.Namespace) -> int:
-    # OpenMP threads that sleep instead of spinning while idle: with spinning, a CPU run on a busy
-    # machine (or next to DataLoader workers) is several times slower. Only effective before torch loads.
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from speechssl.config import config_to_yaml, load_config
-
-    cfg = load_config(args.recipe, args.overrides)
-    if args.print_config:
-        print(config_to_yaml(cfg), end="")
-        return 0
-    if args.force and not args.restart:
-        print("speechssl pretrain: --force only applies with --restart (a run resumes without it)")
-        return 2
-    from speechssl.data.dataset import ManifestError
-    from speechssl.train.loop import RunOptions, run_training
-    from speechssl.train.trainer import NonFiniteError
-
-    cfg.checkpoint.restart = cfg.checkpoint.restart or args.restart
-    try:
-        run_training(cfg, build_pretraining, RunOptions(restart=cfg.checkpoint.restart, force=args.force))
-    except (ManifestError, NonFiniteError) as exc:
-        print(f"speechssl pretrain: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_recipe(args, "pretrain", lambda cfg: build_pretraining)
