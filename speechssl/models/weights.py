@@ -149,10 +149,9 @@ def config_from_transformers(hf_config: Any) -> ModelConfig:
     )
 
 
-def transformers_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
-    """Keyword arguments for transformers' ``Wav2Vec2Config`` describing the same network as ``cfg``."""
+def _transformers_encoder_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """The ``Wav2Vec2Config`` / ``HubertConfig`` keyword arguments both share: extractor, encoder, masking."""
     layers = cfg.conv_feature_layers
-    final_dim = cfg.final_dim if cfg.final_dim > 0 else cfg.encoder_embed_dim
     return dict(
         feat_extract_norm="group" if cfg.extractor_mode in ("default", "group_norm") else "layer",
         conv_dim=[c for c, _, _ in layers], conv_kernel=[k for _, k, _ in layers],
@@ -162,14 +161,23 @@ def transformers_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
         hidden_act=cfg.activation_fn, do_stable_layer_norm=cfg.layer_norm_first,
         hidden_dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
         activation_dropout=cfg.activation_dropout, layerdrop=cfg.encoder_layerdrop,
-        feat_proj_dropout=cfg.dropout_input, feat_quantizer_dropout=cfg.dropout_features,
+        feat_proj_dropout=cfg.dropout_input,
         num_conv_pos_embeddings=cfg.conv_pos, num_conv_pos_embedding_groups=cfg.conv_pos_groups,
-        proj_codevector_dim=final_dim, num_codevectors_per_group=cfg.latent_vars,
-        num_codevector_groups=cfg.latent_groups, codevector_dim=cfg.latent_dim if cfg.latent_dim > 0 else final_dim,
         mask_time_prob=cfg.mask_prob, mask_time_length=cfg.mask_length, mask_time_min_masks=2,
         mask_feature_prob=cfg.mask_channel_prob, mask_feature_length=cfg.mask_channel_length,
-        num_negatives=cfg.num_negatives, contrastive_logits_temperature=cfg.logit_temp,
         layer_norm_eps=1e-5,
+    )
+
+
+def transformers_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for transformers' ``Wav2Vec2Config`` describing the same network as ``cfg``."""
+    final_dim = cfg.final_dim if cfg.final_dim > 0 else cfg.encoder_embed_dim
+    return dict(
+        _transformers_encoder_kwargs(cfg),
+        feat_quantizer_dropout=cfg.dropout_features,
+        proj_codevector_dim=final_dim, num_codevectors_per_group=cfg.latent_vars,
+        num_codevector_groups=cfg.latent_groups, codevector_dim=cfg.latent_dim if cfg.latent_dim > 0 else final_dim,
+        num_negatives=cfg.num_negatives, contrastive_logits_temperature=cfg.logit_temp,
     )
 
 
@@ -233,22 +241,7 @@ def _has(cfg: Any, key: str) -> bool:
 
 def hubert_transformers_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """Keyword arguments for transformers' ``HubertConfig`` describing ``cfg``'s network (encoder only)."""
-    layers = cfg.conv_feature_layers
-    return dict(
-        feat_extract_norm="group" if cfg.extractor_mode in ("default", "group_norm") else "layer",
-        conv_dim=[c for c, _, _ in layers], conv_kernel=[k for _, k, _ in layers],
-        conv_stride=[s for _, _, s in layers], conv_bias=cfg.conv_bias, feat_extract_activation="gelu",
-        num_hidden_layers=cfg.encoder_layers, hidden_size=cfg.encoder_embed_dim,
-        intermediate_size=cfg.encoder_ffn_embed_dim, num_attention_heads=cfg.encoder_attention_heads,
-        hidden_act=cfg.activation_fn, do_stable_layer_norm=cfg.layer_norm_first,
-        hidden_dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-        activation_dropout=cfg.activation_dropout, layerdrop=cfg.encoder_layerdrop,
-        feat_proj_dropout=cfg.dropout_input, feat_proj_layer_norm=True, conv_pos_batch_norm=False,
-        num_conv_pos_embeddings=cfg.conv_pos, num_conv_pos_embedding_groups=cfg.conv_pos_groups,
-        mask_time_prob=cfg.mask_prob, mask_time_length=cfg.mask_length, mask_time_min_masks=2,
-        mask_feature_prob=cfg.mask_channel_prob, mask_feature_length=cfg.mask_channel_length,
-        layer_norm_eps=1e-5,
-    )
+    return dict(_transformers_encoder_kwargs(cfg), feat_proj_layer_norm=True, conv_pos_batch_norm=False)
 
 
 def torchaudio_hubert_pretrain_kwargs(cfg: ModelConfig) -> dict[str, Any]:
