@@ -244,7 +244,8 @@ def checkpoint_task(path: str | Path) -> str:
     task = (state.get("config") or {}).get("task", {}) if isinstance(state, dict) else {}
     name = task.get("name") if isinstance(task, dict) else None
     if not name:
-        raise EvaluationError(f"{path}: not a speechssl checkpoint (no stored config); convert it with 'speechssl import'")
+        raise EvaluationError(f"{path}: not a speechssl checkpoint (no stored config); convert it with "
+                              f"'speechssl import {path} --from fairseq|hf|torchaudio|fairseq2 --out OUT.pt'")
     return str(name)
 
 

@@ -45,7 +45,7 @@ def remove_pretraining_modules(model: nn.Module) -> nn.Module:
 def _not_speechssl(path: Path, why: str) -> ConfigError:
     return ConfigError(
         f"{path} is not a speechssl checkpoint ({why}). A fairseq or Hugging Face checkpoint must be converted "
-        f"first: 'speechssl import {path} OUT.pt', then pass OUT.pt")
+        f"first: 'speechssl import {path} --from fairseq|hf|torchaudio|fairseq2 --out OUT.pt', then pass OUT.pt")
 
 
 def read_model_config(state: dict[str, Any], path: Path) -> ModelConfig:
