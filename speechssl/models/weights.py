@@ -130,7 +130,19 @@ def config_from_transformers(hf_config: Any) -> ModelConfig:
     """
     c = lambda key: _get(hf_config, key)  # noqa: E731
     return ModelConfig(
-        name="wav2vec2",
+        name="wav2vec2", **_encoder_fields_from_transformers(hf_config),
+        dropout_features=c("feat_quantizer_dropout"),
+        final_dim=c("proj_codevector_dim"), quantize_targets=True, latent_vars=c("num_codevectors_per_group"),
+        latent_groups=c("num_codevector_groups"), latent_dim=c("codevector_dim"),
+        num_negatives=c("num_negatives"), logit_temp=c("contrastive_logits_temperature"),
+    )
+
+
+def _encoder_fields_from_transformers(hf_config: Any) -> dict[str, Any]:
+    """The :class:`ModelConfig` fields ``Wav2Vec2Config`` and ``HubertConfig`` both describe (extractor,
+    encoder, masking); inverse of :func:`_transformers_encoder_kwargs`."""
+    c = lambda key: _get(hf_config, key)  # noqa: E731
+    return dict(
         extractor_mode="default" if c("feat_extract_norm") == "group" else "layer_norm",
         conv_feature_layers=[tuple(v) for v in zip(c("conv_dim"), c("conv_kernel"), c("conv_stride"))],
         conv_bias=bool(c("conv_bias")), feature_grad_mult=1.0,
@@ -139,13 +151,10 @@ def config_from_transformers(hf_config: Any) -> ModelConfig:
         activation_fn=c("hidden_act"), layer_norm_first=bool(c("do_stable_layer_norm")),
         dropout=c("hidden_dropout"), attention_dropout=c("attention_dropout"),
         activation_dropout=c("activation_dropout"), encoder_layerdrop=c("layerdrop"),
-        dropout_input=c("feat_proj_dropout"), dropout_features=c("feat_quantizer_dropout"),
+        dropout_input=c("feat_proj_dropout"),
         conv_pos=c("num_conv_pos_embeddings"), conv_pos_groups=c("num_conv_pos_embedding_groups"),
-        final_dim=c("proj_codevector_dim"), quantize_targets=True, latent_vars=c("num_codevectors_per_group"),
-        latent_groups=c("num_codevector_groups"), latent_dim=c("codevector_dim"),
         mask_prob=c("mask_time_prob"), mask_length=c("mask_time_length"),
         mask_channel_prob=c("mask_feature_prob"), mask_channel_length=c("mask_feature_length"),
-        num_negatives=c("num_negatives"), logit_temp=c("contrastive_logits_temperature"),
     )
 
 
@@ -218,21 +227,8 @@ def hubert_config_from_transformers(hf_config: Any, num_classes: list[int] | Non
     if not (c("feat_proj_layer_norm") if _has(hf_config, "feat_proj_layer_norm") else True):
         raise ValueError("HubertConfig.feat_proj_layer_norm=False (no LayerNorm before the feature projection) has "
                          "no speechssl counterpart")
-    return dataclasses.replace(
-        hubert_base_config(num_classes or [], label_rate),
-        extractor_mode="default" if c("feat_extract_norm") == "group" else "layer_norm",
-        conv_feature_layers=[tuple(v) for v in zip(c("conv_dim"), c("conv_kernel"), c("conv_stride"))],
-        conv_bias=bool(c("conv_bias")), feature_grad_mult=1.0,
-        encoder_layers=c("num_hidden_layers"), encoder_embed_dim=c("hidden_size"),
-        encoder_ffn_embed_dim=c("intermediate_size"), encoder_attention_heads=c("num_attention_heads"),
-        activation_fn=c("hidden_act"), layer_norm_first=bool(c("do_stable_layer_norm")),
-        dropout=c("hidden_dropout"), attention_dropout=c("attention_dropout"),
-        activation_dropout=c("activation_dropout"), encoder_layerdrop=c("layerdrop"),
-        dropout_input=c("feat_proj_dropout"),
-        conv_pos=c("num_conv_pos_embeddings"), conv_pos_groups=c("num_conv_pos_embedding_groups"),
-        mask_prob=c("mask_time_prob"), mask_length=c("mask_time_length"),
-        mask_channel_prob=c("mask_feature_prob"), mask_channel_length=c("mask_feature_length"),
-    )
+    return dataclasses.replace(hubert_base_config(num_classes or [], label_rate),
+                               **_encoder_fields_from_transformers(hf_config))
 
 
 def _has(cfg: Any, key: str) -> bool:
