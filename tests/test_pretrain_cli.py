@@ -80,3 +80,42 @@ def test_best_checkpoint_metric(corpus, capsys):
     assert state["best"] == pytest.approx(max(r["accuracy"] for r in valid), abs=1e-6)
     assert main(base + [f"checkpoint.save_dir={tmp / 'wer'}", "checkpoint.best_checkpoint_metric=wer"]) == 2
     assert "'wer' is not a validation metric" in capsys.readouterr().err
+
+
+def test_collapse_alarm_fires_during_training_on_a_collapsed_codebook(corpus):
+    """The codebook-collapse alarm reads the training records' code perplexity (fairseq's: argmax codes
+    before the gumbel noise). A quantizer frozen to pick entry 0 of each group (by a margin the noise often
+    overturns) must raise it; the same run with the untouched quantizer must not."""
+    from speechssl.config import load_config
+    from speechssl.pretrain import build_pretraining
+    from speechssl.train.loop import RunOptions, run_training
+    from speechssl.train.metrics import HealthMonitor
+
+    tmp, man = corpus
+    recipe = tiny_recipe(tmp / "collapse.yaml", optimization={"max_update": 4},
+                         checkpoint={"save_interval_updates": 4})
+
+    def run(name, collapse):
+        def build(cfg):
+            setup = build_pretraining(cfg)
+            q = setup.model.quantizer
+            if collapse:
+                with torch.no_grad():
+                    q.weight_proj.weight.zero_()
+                    q.weight_proj.bias.zero_()
+                    q.weight_proj.bias.view(q.groups, q.num_vars)[:, 0] = 2.0
+                q.weight_proj.requires_grad_(False)
+            setup.health = HealthMonitor(codebook_size=q.groups * q.num_vars, collapse_start_update=1)
+            return setup
+
+        cfg = load_config(str(recipe), [f"task.data={man}", f"checkpoint.save_dir={tmp / name}"])
+        run_training(cfg, build, RunOptions())
+        recs = [json.loads(x) for x in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in recs if r["split"] == "train"]
+
+    collapsed = run("collapsed", True)
+    assert all(r["code_perplexity"] == pytest.approx(2.0, abs=1e-3) for r in collapsed)
+    assert all(any("codebook collapse" in a for a in r["alarms"]) for r in collapsed)
+    assert all(r["prob_perplexity"] > 5 for r in collapsed)  # the softmax is spread: only the argmax collapsed
+    healthy = run("healthy", False)
+    assert all(not any("codebook collapse" in a for a in r["alarms"]) for r in healthy)

@@ -215,3 +215,54 @@ def test_published_configurations():
     assert base.latent_temp == (2.0, 0.5, 0.999995) and base.mask_prob == 0.65 and base.num_negatives == 100
     tiny = build_model(wav2vec2_tiny_config())
     assert sum(p.numel() for p in tiny.parameters()) < 200_000
+
+
+def _collapsed_quantizer(groups: int = 2, num_vars: int = 32) -> GumbelVectorQuantizer:
+    """A quantizer whose logits always pick entry 0 of every group, by a margin the gumbel noise often
+    overturns (so the sampled codes are spread while the argmax codes use one entry per group)."""
+    q = GumbelVectorQuantizer(8, num_vars, groups, 8)
+    with torch.no_grad():
+        q.weight_proj.weight.zero_()
+        q.weight_proj.bias.zero_()
+        q.weight_proj.bias.view(groups, num_vars)[:, 0] = 2.0
+    return q
+
+
+def test_quantizer_training_code_perplexity_is_of_the_argmax_before_noise():
+    """fairseq's ``code_perplexity`` uses the argmax of the logits, in training too: a collapsed codebook
+    reports G (2.0) although the gumbel-sampled codes spread over many entries."""
+    torch.manual_seed(0)
+    q = _collapsed_quantizer().train()
+    out = q(torch.randn(4000, 8))
+    assert out["code_perplexity"].item() == pytest.approx(2.0, abs=1e-4)
+    sampled = F.one_hot(out["codes"].view(-1, 2), 32).float().mean(0)
+    sampled_ppl = torch.exp(-(sampled * torch.log(sampled + 1e-7)).sum(-1)).sum().item()
+    assert sampled_ppl > 20  # the sampled codes do not show the collapse
+    assert out["prob_perplexity"].item() > 20
+    q.eval()
+    assert q(torch.randn(50, 8))["code_perplexity"].item() == pytest.approx(2.0, abs=1e-4)
+
+
+def test_quantizer_training_statistics():
+    """Training mode: the selected codes are the argmax of logits + gumbel noise, the perplexities are of
+    the noise-free argmax codes and of the batch-averaged noise-free softmax (padded frames left out)."""
+    torch.manual_seed(0)
+    q = GumbelVectorQuantizer(8, 5, 2, 6).train()
+    x = torch.randn(6, 9, 8)
+    padded = torch.zeros(6, 9, dtype=torch.bool)
+    padded[2:, 5:] = True
+    out = q(x, padded)
+    logits = q.weight_proj(x).view(6, 9, 2, 5)[~padded].view(-1, 2, 5)
+    hard = F.one_hot(logits.argmax(-1), 5).float().mean(0)
+    ppl = torch.exp(-(hard * torch.log(hard + 1e-7)).sum(-1)).sum()
+    assert out["code_perplexity"].item() == pytest.approx(ppl.item(), rel=1e-6)
+    soft = logits.softmax(-1).mean(0)
+    ppl = torch.exp(-(soft * torch.log(soft + 1e-7)).sum(-1)).sum()
+    assert out["prob_perplexity"].item() == pytest.approx(ppl.item(), rel=1e-5)
+    book = q.vars.view(2, 5, 3)
+    codes = out["codes"]
+    expected = torch.cat([book[0][codes[..., 0]], book[1][codes[..., 1]]], dim=-1)
+    assert torch.equal(out["x"], expected)
+    # the sampled codes differ from the argmax somewhere (noise), and the temperature is reported
+    assert not torch.equal(codes, q.weight_proj(x).view(6, 9, 2, 5).argmax(-1))
+    assert out["temp"] == q.curr_temp

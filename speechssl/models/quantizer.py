@@ -69,7 +69,7 @@ class GumbelVectorQuantizer(nn.Module):
     frame, excluded from the perplexities):
         ``x`` ``(..., vq_dim)`` fp32 codevectors (training: hard straight-through gumbel-softmax sample at
         the current temperature; eval: argmax), ``codes`` ``(..., G)`` selected indices,
-        ``code_perplexity`` (of the hard selections) and ``prob_perplexity`` (of the batch-averaged
+        ``code_perplexity`` (of the argmax codes before gumbel noise, in training too, as fairseq) and ``prob_perplexity`` (of the batch-averaged
         softmax, no gumbel noise) as fp32 scalars, ``num_vars`` = ``G*V``, ``temp`` (float).
     """
 
@@ -99,17 +99,21 @@ class GumbelVectorQuantizer(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = logits.float().view(-1, G, V)  # (N, G, V)
             codebook = self.vars.view(G, V, -1)
+            hard_idx = logits.argmax(dim=-1)  # (N, G): the codes without gumbel noise
             if self.training:
                 gumbels = -torch.empty_like(logits).exponential_().log()
                 soft = ((logits + gumbels) / self.curr_temp).softmax(dim=-1)
                 idx = soft.argmax(dim=-1)  # (N, G)
                 q = _StraightThroughLookup.apply(soft, codebook, idx)
             else:
-                idx = logits.argmax(dim=-1)
+                idx = hard_idx
                 q = codebook[torch.arange(G, device=idx.device), idx]
             weights = None if padding_mask is None else (~padding_mask).reshape(-1, 1, 1).float()
             with torch.no_grad():
-                code_ppl = _perplexity(_average(F.one_hot(idx, V).float(), weights))
+                # fairseq: the argmax of the logits before the gumbel noise, in training too. The sampled
+                # codes follow the softmax (their perplexity tracks prob_perplexity), so they would hide
+                # a codebook whose argmax uses a handful of entries.
+                code_ppl = _perplexity(_average(F.one_hot(hard_idx, V).float(), weights))
             prob_ppl = _perplexity(_average(logits.softmax(dim=-1), weights))
         return {
             "x": q.reshape(*lead, -1),

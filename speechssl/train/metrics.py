@@ -84,7 +84,8 @@ class IntervalMeter:
 class HealthMonitor:
     """Alarms for the usual ways self-supervised pretraining fails.
 
-    * codebook collapse: ``code_perplexity`` below 10% of the codebook (groups x entries);
+    * codebook collapse: ``code_perplexity`` (of the argmax codes, fairseq's definition, so the training
+      records show it) below 10% of the codebook (groups x entries) from ``collapse_start_update`` on;
     * accuracy stuck at chance (1 / (1 + negatives)) once ``start_update`` updates are done;
     * loss diverging: smoothed loss 50% (and 0.5 nats) above its best smoothed value.
     * CTC fine-tuning stuck emitting only blanks: ``emit_ratio`` (symbols emitted / target tokens)
@@ -93,8 +94,10 @@ class HealthMonitor:
     """
 
     def __init__(self, codebook_size: Optional[int] = None, chance_accuracy: Optional[float] = None,
-                 start_update: int = 1000, blank_alarm_update: Optional[int] = None):
+                 start_update: int = 1000, blank_alarm_update: Optional[int] = None,
+                 collapse_start_update: int = 100):
         self.codebook_size = codebook_size
+        self.collapse_start_update = collapse_start_update
         self.chance = chance_accuracy
         self.start_update = start_update
         self.blank_alarm_update = blank_alarm_update
@@ -105,7 +108,8 @@ class HealthMonitor:
         alarms = []
         n = record.get("update", 0)
         ppl = record.get("code_perplexity")
-        if self.codebook_size and ppl is not None and n >= 100 and ppl < 0.1 * self.codebook_size:
+        if self.codebook_size and ppl is not None and n >= self.collapse_start_update \
+                and ppl < 0.1 * self.codebook_size:
             alarms.append(f"codebook collapse: code perplexity {ppl:.1f} < 10% of the {self.codebook_size} codes")
         acc = record.get("accuracy")
         if self.chance and acc is not None and n >= self.start_update and acc < 1.5 * self.chance:
