@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(
     or not sentences.FORTUNE_DIR.is_dir() or not sentences.DICT_PATH.is_file(),
     reason="needs the Debian packages of tools/setup.sh (sox espeak-ng flite festival fortunes wamerican ...)",
 )
-TINY = dict(minutes=0.5, speakers=4, progress=False)
+TINY = dict(minutes=0.5, speakers=4, pool_minutes=0.3, pool_speakers=2, progress=False)
+NO_POOL = dict(pool_minutes=0, pool_speakers=0)
 
 
 def _flacs(root: Path) -> list[Path]:
@@ -66,7 +67,7 @@ def test_speaker_plan_is_diverse_and_split():
     inventory = corpus.available_voices()
     plan = corpus.plan_speakers(0, 30, 3, 3, 2700.0, inventory)
     assert [s.speaker_id for s in plan] == list(range(100, 130))
-    assert [sum(s.subset == k for s in plan) for k in common.SUBSETS] == [24, 3, 3]
+    assert [sum(s.subset == k for s in plan) for k in common.SUBSETS] == [24, 3, 3, 0]
     assert abs(sum(s.sex == "F" for s in plan) - 15) <= 1
     for subset in ("dev", "test"):
         assert {s.sex for s in plan if s.subset == subset} == {"F", "M"}
@@ -83,9 +84,26 @@ def test_speaker_plan_is_diverse_and_split():
     assert plan != corpus.plan_speakers(1, 30, 3, 3, 2700.0, inventory)
 
 
+def test_pool_speakers_are_many_and_never_share_a_dev_or_test_voice():
+    """The demo's unlabeled pool: 160 speakers of its own with 5.5 h among them; no pool speaker has the
+    espeak-ng voice (accent+variant) of a dev or test speaker, and no two speakers share every setting."""
+    inventory = corpus.available_voices()
+    plan = corpus.plan_speakers(0, 30, 3, 3, 2700.0, inventory, n_pool=160, pool_seconds=19800.0)
+    assert [sum(s.subset == k for s in plan) for k in common.SUBSETS] == [24, 3, 3, 160]
+    pool = [s for s in plan if s.subset == "pool"]
+    assert sum(s.seconds for s in pool) == pytest.approx(19800.0)
+    assert sum(s.seconds for s in plan if s.subset != "pool") == pytest.approx(2700.0)
+    assert {s.sex for s in pool} == {"F", "M"} and {s.voice.engine for s in pool} == set(common.ENGINES)
+    espeak = [s.voice.name for s in plan if s.voice.engine == "espeak-ng"]
+    assert len(espeak) == len(set(espeak)) >= 90
+    held_out = {s.voice.name for s in plan if s.subset in ("dev", "test") and s.voice.engine == "espeak-ng"}
+    assert held_out and not held_out & {s.voice.name for s in pool}
+    assert len({s.describe() for s in plan}) == 190
+
+
 def test_layout_and_transcripts_match_audio(tiny_corpus):
     out, summary = tiny_corpus
-    assert sorted(p.name for p in out.iterdir()) == ["SPEAKERS.TXT", "dev", "synth_config.json",
+    assert sorted(p.name for p in out.iterdir()) == ["SPEAKERS.TXT", "dev", "pool", "synth_config.json",
                                                      "synth_summary.json", "test", "train"]
     assert not list(out.parent.glob(f".{out.name}.*"))  # no temporary build directory left
     flacs = _flacs(out)
@@ -99,7 +117,8 @@ def test_layout_and_transcripts_match_audio(tiny_corpus):
     for text in transcripts.values():
         assert text and text == normalize_transcript(text)
     assert summary.utterances == {k: len(list((out / k).glob("*/*/*.flac"))) for k in common.SUBSETS}
-    assert summary.total_seconds == pytest.approx(TINY["minutes"] * 60, rel=0.5)
+    assert summary.total_seconds - summary.seconds["pool"] == pytest.approx(TINY["minutes"] * 60, rel=0.5)
+    assert summary.seconds["pool"] == pytest.approx(TINY["pool_minutes"] * 60, rel=0.6)
     config = json.loads((out / "synth_config.json").read_text())
     assert config["seed"] == 0 and config["speakers"] == 4 and config["synth_version"] == common.SYNTH_VERSION
 
@@ -119,8 +138,9 @@ def test_subsets_have_disjoint_speakers_listed_in_speakers_txt(tiny_corpus):
     out, summary = tiny_corpus
     by_subset = {k: {p.name for p in (out / k).iterdir()} for k in common.SUBSETS}
     assert all(by_subset.values())
-    assert not (by_subset["train"] & by_subset["dev"] or by_subset["train"] & by_subset["test"]
-                or by_subset["dev"] & by_subset["test"])
+    for i, a in enumerate(common.SUBSETS):
+        for b in common.SUBSETS[i + 1:]:
+            assert not by_subset[a] & by_subset[b], (a, b)
     rows = [line.split("|") for line in (out / "SPEAKERS.TXT").read_text().splitlines() if not line.startswith(";")]
     listed = {row[0].strip(): row[2].strip() for row in rows}
     assert listed == {spk: k for k, spks in by_subset.items() for spk in spks}
@@ -135,7 +155,7 @@ def test_speakers_read_different_sentences(tiny_corpus):
     by_speaker: dict[str, set[str]] = {}
     for utt_id, text in texts.items():
         by_speaker.setdefault(utt_id.split("-")[0], set()).update(text.split())
-    assert len(by_speaker) == 4
+    assert len(by_speaker) == 6
     assert summary.sentences_read >= len(texts)
 
 
@@ -151,7 +171,8 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(tiny_corpus, tmp_pat
 
 def test_reuse_refuse_and_force(tmp_path, capsys):
     out = tmp_path / "c"
-    args = [str(out), "--minutes", "0.2", "--speakers", "3", "--no-progress"]
+    args = [str(out), "--minutes", "0.2", "--speakers", "3", "--pool-minutes", "0", "--pool-speakers", "0",
+            "--no-progress"]
     sys.path.insert(0, str(TOOLS))
     try:
         import synth_corpus
@@ -170,9 +191,10 @@ def test_reuse_refuse_and_force(tmp_path, capsys):
     assert "different settings (seed)" in err and "--force" in err
     assert json.loads((out / "synth_config.json").read_text())["seed"] == 0
     with pytest.raises(corpus.SynthError, match="--force"):
-        corpus.synthesize_corpus(out, minutes=0.3, speakers=3, progress=False)
+        corpus.synthesize_corpus(out, minutes=0.3, speakers=3, progress=False, **NO_POOL)
 
-    summary = corpus.synthesize_corpus(out, minutes=0.2, speakers=3, seed=3, force=True, progress=False)
+    summary = corpus.synthesize_corpus(out, minutes=0.2, speakers=3, seed=3, force=True, progress=False,
+                                       **NO_POOL)
     assert not summary.reused
     assert json.loads((out / "synth_config.json").read_text())["seed"] == 3
     assert not list(tmp_path.glob(".c.*"))
@@ -184,7 +206,7 @@ def test_refuses_a_directory_that_is_not_a_corpus(tmp_path):
     (out / "notes.txt").write_text("keep me")
     for force in (False, True):
         with pytest.raises(corpus.SynthError, match="not a synthesized corpus"):
-            corpus.synthesize_corpus(out, minutes=0.1, speakers=3, force=force, progress=False)
+            corpus.synthesize_corpus(out, minutes=0.1, speakers=3, force=force, progress=False, **NO_POOL)
     assert (out / "notes.txt").read_text() == "keep me"
 
 
@@ -194,13 +216,16 @@ def test_interrupted_build_leaves_no_corpus(tmp_path, monkeypatch):
 
     monkeypatch.setattr(build, "synth_chapter", fail)
     with pytest.raises(KeyboardInterrupt):
-        corpus.synthesize_corpus(tmp_path / "c", minutes=0.1, speakers=3, workers=1, progress=False)
+        corpus.synthesize_corpus(tmp_path / "c", minutes=0.1, speakers=3, workers=1, progress=False,
+                                 **NO_POOL)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_settings_and_missing_tools_are_clear_errors(monkeypatch):
     with pytest.raises(corpus.SynthError, match="train speakers"):
         corpus.synthesize_corpus("/nonexistent/x", speakers=4, dev_speakers=2, test_speakers=2)
+    with pytest.raises(corpus.SynthError, match="--pool-speakers 0"):
+        corpus.synthesize_corpus("/nonexistent/x", pool_minutes=10, pool_speakers=0)
     with pytest.raises(corpus.SynthError, match="unknown engine 'espeak'"):
         corpus.available_voices(["espeak"])
     which = shutil.which

@@ -49,7 +49,8 @@ class CorpusSummary:
 
     def report(self) -> str:
         rows = [f"  {s:<5} {self.speakers[s]:3d} speakers {self.utterances[s]:6d} utterances "
-                f"{self.seconds[s] / 3600:7.3f} h ({self.seconds[s] / 60:.1f} min)" for s in SUBSETS]
+                f"{self.seconds[s] / 3600:7.3f} h ({self.seconds[s] / 60:.1f} min)"
+                for s in SUBSETS if s != "pool" or self.speakers.get(s)]
         head = "reused finished corpus" if self.reused else "built corpus"
         return "\n".join([
             f"{head} {self.out_dir} in {self.elapsed:.1f} s",
@@ -72,7 +73,7 @@ def _split_counts(speakers: int, dev: Optional[int], test: Optional[int]) -> tup
 
 
 def corpus_config(*, minutes: float, speakers: int, dev_speakers: int, test_speakers: int, seed: int,
-                  inventory: Inventory) -> dict:
+                  inventory: Inventory, pool_minutes: float = 0.0, pool_speakers: int = 0) -> dict:
     """Everything the corpus content depends on; a finished corpus with an equal config is reused."""
     sources = text_source_files()
     return {
@@ -84,6 +85,8 @@ def corpus_config(*, minutes: float, speakers: int, dev_speakers: int, test_spea
         "speakers": speakers,
         "dev_speakers": dev_speakers,
         "test_speakers": test_speakers,
+        "pool_minutes": pool_minutes,
+        "pool_speakers": pool_speakers,
         "engines": inventory.engines,
         "voices": {
             "espeak-ng": {"accents": list(inventory.espeak_accents),
@@ -133,23 +136,30 @@ def _speakers_txt(speakers: Sequence[Speaker], seconds: dict[int, float], seed: 
 
 def synthesize_corpus(out_dir: str | Path, *, minutes: float = 45.0, speakers: int = 30,
                       dev_speakers: Optional[int] = None, test_speakers: Optional[int] = None, seed: int = 0,
+                      pool_minutes: float = 330.0, pool_speakers: int = 160,
                       engines: Optional[Sequence[str]] = None, workers: Optional[int] = None,
                       force: bool = False, progress: bool = True) -> CorpusSummary:
     """Build (or reuse) the demo corpus in ``out_dir``; see :mod:`speechssl.corpus` for the layout.
 
-    minutes: total audio over all subsets. speakers: total; dev_speakers / test_speakers default to
-    10% of them (at least 1; 3 + 3 of the default 30). engines: subset of ENGINES (default: every one
-    installed). workers: processes (default: CPU cores); the output does not depend on it. force:
-    replace a different corpus in ``out_dir``. Raises SynthError with what to do when it cannot build.
+    minutes: total audio of the train, dev and test subsets. speakers: their speakers; dev_speakers /
+    test_speakers default to 10% of them (at least 1; 3 + 3 of the default 30). pool_minutes /
+    pool_speakers: the unlabeled pretraining pool (subset ``pool``; none when 0), speakers of its own.
+    engines: subset of ENGINES (default: every one installed). workers: processes (default: CPU cores);
+    the output does not depend on it. force: replace a different corpus in ``out_dir``. Raises
+    SynthError with what to do when it cannot build.
     """
     start = time.perf_counter()
     out = Path(out_dir).expanduser().resolve()
     if minutes <= 0:
         raise SynthError(f"--minutes must be > 0, got {minutes}")
+    if pool_minutes < 0 or pool_speakers < 0 or (pool_minutes > 0) != (pool_speakers > 0):
+        raise SynthError(f"--pool-minutes {pool_minutes:g} with --pool-speakers {pool_speakers}: give both > 0 "
+                         "for an unlabeled pool, or both 0 for none")
     dev_speakers, test_speakers = _split_counts(speakers, dev_speakers, test_speakers)
     inventory = available_voices(list(engines) if engines else None)
     config = corpus_config(minutes=minutes, speakers=speakers, dev_speakers=dev_speakers,
-                           test_speakers=test_speakers, seed=seed, inventory=inventory)
+                           test_speakers=test_speakers, seed=seed, inventory=inventory,
+                           pool_minutes=pool_minutes, pool_speakers=pool_speakers)
 
     if out.exists():
         if not out.is_dir():
@@ -168,10 +178,12 @@ def synthesize_corpus(out_dir: str | Path, *, minutes: float = 45.0, speakers: i
                              "or choose another output directory")
 
     pool = build_sentence_pool()
-    plan = plan_speakers(seed, speakers, dev_speakers, test_speakers, minutes * 60.0, inventory)
+    plan = plan_speakers(seed, speakers, dev_speakers, test_speakers, minutes * 60.0, inventory,
+                         n_pool=pool_speakers, pool_seconds=pool_minutes * 60.0)
     # Reading order: passages in seeded random order, sentences of a passage consecutive.
     passage_rank = np.random.default_rng([seed, 0x7E47]).permutation(int(pool.passage.max()) + 1)
     order = np.lexsort((np.arange(len(pool)), passage_rank[pool.passage]))
+    minutes = minutes + pool_minutes  # every chapter reads its own block of the order, pool chapters too
     _remove_stale_partials(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))

@@ -4,7 +4,7 @@ A speaker is one engine voice (espeak-ng accent+variant, flite or festival voice
 once from the seed: native pitch and rate, a sox ``speed`` factor scaling f0 and formants together
 (vocal-tract length; the engine rate compensates), a microphone (band limits, shelves, one EQ band), an
 optional small room (sox ``reverb``), noise colour, mean SNR (15-35 dB) and level. Half the speakers use
-espeak-ng with distinct accent+variant pairs; the rest cycle through the flite/festival voices, spread
+espeak-ng with distinct accent+variant pairs (seeded draws without replacement); the rest cycle through the flite/festival voices, spread
 apart by Latin-hypercube sampling of pitch, rate and formant factor. Sexes are balanced and interleaved
 so every subset gets both; subsets have disjoint speakers.
 """
@@ -203,19 +203,31 @@ def _choose_voices(rng: np.random.Generator, n: int, inventory: Inventory) -> li
     n_espeak = 0 if not inventory.espeak_accents else n if not others else (n + 1) // 2
     chosen = [others[i % len(others)] for i in range(n - n_espeak)]
     n_female = min(max(n // 2 - sum(v.sex == "F" for v in chosen), 0), n_espeak)
-    accents = [str(a) for a in rng.permutation(inventory.espeak_accents)]
-    variants = {sex: [str(x) for x in rng.permutation(names)] for sex, names in inventory.espeak_variants.items()}
+    # accent+variant pairs per sex in seeded random order: distinct until every pair is used
+    pairs = {sex: [f"{a}+{v}" for a in inventory.espeak_accents for v in names]
+             for sex, names in inventory.espeak_variants.items()}
+    pairs = {sex: [pair[j] for j in rng.permutation(len(pair))] for sex, pair in pairs.items()}
     for i in range(n_espeak):
         sex = "F" if i < n_female else "M"
         k = i if sex == "F" else i - n_female
-        chosen.append(Voice("espeak-ng", f"{accents[i % len(accents)]}+{variants[sex][k % len(variants[sex])]}", sex))
+        chosen.append(Voice("espeak-ng", pairs[sex][k % len(pairs[sex])], sex))
     return chosen
 
 
 def plan_speakers(seed: int, n_speakers: int, n_dev: int, n_test: int, total_seconds: float,
-                  inventory: Inventory) -> list[Speaker]:
-    """Draw every speaker's voice and settings from ``seed``; ids 100, 101, ...: train, then dev, then test."""
+                  inventory: Inventory, n_pool: int = 0, pool_seconds: float = 0.0) -> list[Speaker]:
+    """Draw every speaker's voice and settings from ``seed``; ids 100, 101, ...: train, then dev, then test,
+    then the ``n_pool`` speakers of the unlabeled pool (``pool_seconds`` of audio among them).
+
+    All ``n_speakers + n_pool`` speakers are drawn together, so every espeak-ng speaker has an accent+variant
+    pair of its own (8 accents x 14 female / 31 male variants): no pool speaker shares a dev or test speaker's
+    espeak-ng voice. flite / festival speakers of one engine voice are spread apart in pitch, rate and
+    formant factor, and each has its own microphone, room and noise."""
+    if n_pool and pool_seconds <= 0:
+        raise SynthError(f"{n_pool} pool speakers need pool audio (--pool-minutes > 0)")
     rng = np.random.default_rng([seed, 0x5EED])
+    n_labeled = n_speakers
+    n_speakers = n_labeled + n_pool
     chosen = _choose_voices(rng, n_speakers, inventory)
     # Latin-hypercube positions of pitch / rate / formant within each group of speakers sharing an engine
     # voice (all espeak-ng speakers form one group), so same-voice speakers are spread apart.
@@ -230,8 +242,13 @@ def plan_speakers(seed: int, n_speakers: int, n_dev: int, n_test: int, total_sec
     first, second = sorted(order.values(), key=len, reverse=True)
     interleaved = [i for pair in zip(first, second + [None] * len(first)) for i in pair if i is not None]
     weights = rng.uniform(0.8, 1.2, n_speakers)
-    seconds = total_seconds * weights / weights.sum()
-    n_train = n_speakers - n_dev - n_test
+    labeled = [i for rank, i in enumerate(interleaved) if rank < n_labeled]
+    pool = [i for rank, i in enumerate(interleaved) if rank >= n_labeled]
+    seconds = np.zeros(n_speakers)
+    seconds[labeled] = total_seconds * weights[labeled] / weights[labeled].sum()
+    if pool:
+        seconds[pool] = pool_seconds * weights[pool] / weights[pool].sum()
+    n_train = n_labeled - n_dev - n_test
     speakers = []
     for rank, i in enumerate(interleaved):
         v, (u_pitch, u_rate, u_formant) = chosen[i], pos[i]
@@ -249,7 +266,8 @@ def plan_speakers(seed: int, n_speakers: int, n_dev: int, n_test: int, total_sec
             raise SynthError(f"{seconds[i] / 3600:.1f} h per speaker is more than 99 chapters: use more --speakers")
         speakers.append(Speaker(
             speaker_id=speaker_id,
-            subset="train" if rank < n_train else "dev" if rank < n_train + n_dev else "test",
+            subset="train" if rank < n_train else "dev" if rank < n_train + n_dev else "test" if rank < n_labeled
+            else "pool",
             voice=v,
             pitch=round(float(pitch), 1),
             pitch_std=round(float(rng.uniform(10, 24)), 1) if v.engine == "festival" and v.f0_hz else 0.0,
