@@ -48,6 +48,16 @@ def kaldi_mfcc_deltas(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
     return torch.cat([mfcc, deltas, ddeltas], dim=0).T.contiguous()
 
 
+def kaldi_mel_banks(num_mel_bins: int, n_fft: int, sample_rate: int, low_freq: float = 20.0) -> torch.Tensor:
+    """Kaldi's triangular mel filters (``torchaudio.compliance.kaldi.fbank``'s), ``(num_mel_bins, n_fft // 2 + 1)``
+    fp32 over the bins of an ``n_fft``-point power spectrum (the Nyquist bin gets weight 0, as Kaldi),
+    from ``low_freq`` to the Nyquist frequency."""
+    import torchaudio.compliance.kaldi as kaldi
+
+    banks, _ = kaldi.get_mel_banks(num_mel_bins, n_fft, float(sample_rate), low_freq, 0.0, 100.0, -500.0, 1.0)
+    return torch.nn.functional.pad(banks.float(), (0, 1), value=0.0)
+
+
 class DecoderUnavailable(ImportError):
     """torchaudio's CTC beam-search decoder needs the optional ``flashlight-text`` package."""
 

@@ -170,8 +170,10 @@ class ModelConfig:
 
     name: str = "wav2vec2"  # wav2vec2 | hubert
     # feature extractor
-    extractor_mode: str = "default"  # default (= group_norm: BASE) | layer_norm (LARGE)
+    extractor_mode: str = "default"  # default (= group_norm: BASE) | layer_norm (LARGE) | fbank (log-mel)
     conv_feature_layers: ConvLayers = field(default_factory=lambda: list(BASE_CONV_LAYERS))
+    fbank_num_mel_bins: int = 80  # extractor_mode fbank: Kaldi log-mel filterbanks every 10 ms ...
+    fbank_stack: int = 2  # ... with this many consecutive frames concatenated (2: 20 ms frames)
     conv_bias: bool = False
     feature_grad_mult: float = 0.1
     # transformer

@@ -60,9 +60,8 @@ class LayerExtractor:
         self.sample_rate = cfg.task.sample_rate
         self.normalize = cfg.task.normalize
         self.dim = cfg.model.encoder_embed_dim
-        spec = [tuple(layer_spec) for layer_spec in cfg.model.conv_feature_layers]
-        self.stride = int(np.prod([s for _, _, s in spec]))
-        self.rate = self.sample_rate / self.stride  # 50 frames/s for the published conv stacks at 16 kHz
+        self.stride = self.model.feature_extractor.stride
+        self.rate = self.sample_rate / self.stride  # 50 frames/s for the published front-ends at 16 kHz
         self.min_len = 1  # shortest input giving one frame (the receptive field: 400 samples for BASE)
         for _, k, s in reversed(spec):
             self.min_len = (self.min_len - 1) * s + k

@@ -20,6 +20,7 @@ Three CPU-specific speed choices, with identical semantics (documented where the
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -317,6 +318,11 @@ class ConvFeatureExtractor(nn.Module):
         for block in self.conv_layers:
             x = block(x)
         return x
+
+    @property
+    def stride(self) -> int:
+        """Samples per output frame (the product of the strides: 320 for BASE / LARGE)."""
+        return math.prod(s for _, _, s in self.spec)
 
     def output_lengths(self, lengths: Tensor) -> Tensor:
         """Number of frames for inputs of ``lengths`` samples (any integer tensor shape; >= 0)."""

@@ -30,7 +30,6 @@ to ``min(L, int(label_len / r))`` when the labels are too short, and frame ``t``
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Any, Optional, Sequence
 
@@ -39,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechssl.config import BASE_CONV_LAYERS, ModelConfig
-from speechssl.models.components import ConvFeatureExtractor, Dropout, FeatureProjection, TransformerEncoder
+from speechssl.models.components import Dropout, FeatureProjection, TransformerEncoder
+from speechssl.models.frontend import build_feature_extractor
 from speechssl.models.wav2vec2 import Wav2Vec2Model, _check_config
 
 
@@ -59,6 +59,7 @@ class HubertModel(nn.Module):
 
     # the very same code as wav2vec 2.0 (it only uses cfg, feature_extractor and mask_emb)
     frame_padding_mask = Wav2Vec2Model.frame_padding_mask
+    feature_penalty = Wav2Vec2Model.feature_penalty
     extract_conv_features = Wav2Vec2Model.extract_conv_features
     apply_mask = Wav2Vec2Model.apply_mask
 
@@ -69,7 +70,7 @@ class HubertModel(nn.Module):
             raise ValueError(f"model.num_classes must be positive class counts, got {cfg.num_classes}")
         self.cfg = cfg
         D = cfg.encoder_embed_dim
-        self.feature_extractor = ConvFeatureExtractor(cfg.conv_feature_layers, cfg.extractor_mode, cfg.conv_bias)
+        self.feature_extractor = build_feature_extractor(cfg)
         C = self.feature_extractor.out_channels
         self.feature_projection = FeatureProjection(C, D, cfg.dropout_input)
         self.dropout_features = Dropout(cfg.dropout_features)
@@ -87,7 +88,7 @@ class HubertModel(nn.Module):
         self.label_embs_concat: Optional[nn.Parameter] = None
         if self.num_classes:
             self.label_embs_concat = nn.Parameter(torch.empty(sum(self.num_classes), self.final_dim).uniform_())
-        downsample = math.prod(s for _, _, s in self.feature_extractor.spec)
+        downsample = self.feature_extractor.stride
         self.sample_rate = sample_rate
         # labels per frame (fairseq's feat2tar_ratio); None: no label rate, no targets accepted
         self.feat2tar_ratio = cfg.label_rate * downsample / sample_rate if cfg.label_rate > 0 else None
@@ -166,7 +167,7 @@ class HubertModel(nn.Module):
         conv = self.extract_conv_features(source)
         if target_list is not None and not features_only:
             conv, target_list = self.forward_targets(conv, target_list)
-        features_pen = conv.float().pow(2).mean()
+        features_pen = self.feature_penalty(conv)
         frame_pad = self.frame_padding_mask(padding_mask, conv.shape[1])
         x, features = self.feature_projection(conv)
         if mask:

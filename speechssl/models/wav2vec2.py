@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from speechssl.config import BASE_CONV_LAYERS, ModelConfig
-from speechssl.models.components import ConvFeatureExtractor, FeatureProjection, GradMultiply, TransformerEncoder
-from speechssl.models.components import Dropout
+from speechssl.models.components import Dropout, FeatureProjection, GradMultiply, TransformerEncoder
+from speechssl.models.frontend import build_feature_extractor
 from speechssl.models.masking import compute_mask_indices
 from speechssl.models.quantizer import GumbelVectorQuantizer
 
@@ -62,7 +62,7 @@ class Wav2Vec2Model(nn.Module):
         _check_config(cfg)
         self.cfg = cfg
         D = cfg.encoder_embed_dim
-        self.feature_extractor = ConvFeatureExtractor(cfg.conv_feature_layers, cfg.extractor_mode, cfg.conv_bias)
+        self.feature_extractor = build_feature_extractor(cfg)
         C = self.feature_extractor.out_channels
         self.feature_projection = FeatureProjection(C, D, cfg.dropout_input)
         self.dropout_features = Dropout(cfg.dropout_features)
@@ -98,13 +98,21 @@ class Wav2Vec2Model(nn.Module):
         return torch.arange(num_frames, device=padding_mask.device)[None, :] >= lengths[:, None]
 
     def extract_conv_features(self, source: Tensor) -> Tensor:
-        """``(B, T) -> (B, L, C)``, scaling the gradient by ``feature_grad_mult`` (0: no graph at all)."""
+        """``(B, T) -> (B, L, C)``, scaling the gradient by ``feature_grad_mult`` (0, or a front-end without
+        parameters such as log-mel filterbanks: no graph at all)."""
         mult = self.cfg.feature_grad_mult
-        if mult > 0:
+        if mult > 0 and self.cfg.extractor_mode != "fbank":
             features = self.feature_extractor(source)
             return GradMultiply.apply(features, mult) if mult != 1.0 else features
         with torch.no_grad():
             return self.feature_extractor(source)
+
+    def feature_penalty(self, conv: Tensor) -> Tensor:
+        """fp32 mean of the squared front-end output (fairseq's ``features_pen``); 0 for the log-mel
+        front-end, which has nothing to penalize (no parameters)."""
+        if self.cfg.extractor_mode == "fbank":
+            return conv.new_zeros((), dtype=torch.float32)
+        return conv.float().pow(2).mean()
 
     def apply_mask(self, x: Tensor, padding_mask: Optional[Tensor],
                    mask_indices: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
@@ -148,7 +156,7 @@ class Wav2Vec2Model(nn.Module):
         Returns a dict: ``x`` ``(B, L, D)`` encoder output; ``padding_mask`` ``(B, L)`` frame-level or None;
         ``layer_results`` list of ``(B, L, D)``; ``conv_features`` ``(B, L, C)`` extractor output;
         ``features`` ``(B, L, C)`` normalised features after ``dropout_features`` (the quantizer's input);
-        ``features_pen`` fp32 scalar mean of squared conv features; ``mask_indices`` ``(B, L)`` or None.
+        ``features_pen`` fp32 scalar mean of squared conv features (0 for log-mel); ``mask_indices`` ``(B, L)`` or None.
         Unless ``features_only``, also: ``pred`` and ``targets`` ``(B, M, final_dim)`` at the ``M`` masked
         frames of each utterance (row-major order), ``codes`` ``(B, M, G)`` quantizer indices (None without
         quantizer), ``code_perplexity``, ``prob_perplexity``, ``num_vars``, ``temp``.
@@ -158,7 +166,7 @@ class Wav2Vec2Model(nn.Module):
         if padding_mask is not None and padding_mask.shape != source.shape:
             raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} != source shape {tuple(source.shape)}")
         conv = self.extract_conv_features(source)
-        features_pen = conv.float().pow(2).mean()
+        features_pen = self.feature_penalty(conv)
         frame_pad = self.frame_padding_mask(padding_mask, conv.shape[1])
         x, features = self.feature_projection(conv)
         features = self.dropout_features(features)
