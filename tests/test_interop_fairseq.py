@@ -414,3 +414,32 @@ def test_unknown_and_unsupported_fairseq_content(tmp_path, omegaconf):
     torch.save({"model": weights, "cfg": omegaconf({"model": {**section, "layer_type": "conformer"}})}, src)
     with pytest.raises(Exception, match="layer_type='conformer' is not supported"):
         import_fairseq(src)
+
+
+@pytest.mark.parametrize("name", ["wav2vec2", "hubert"])
+def test_import_fairseq_checkpoint_without_feature_projection(tmp_path, omegaconf, one_thread, name):
+    """fairseq builds post_extract_proj only when the conv channels differ from encoder_embed_dim: a
+    checkpoint of such a model has no post_extract_proj.* weights, and imports without one."""
+    wide = [(48, 10, 5)] + [(48, 3, 2)] * 4 + [(48, 2, 2)] * 2  # 48 conv channels == encoder_embed_dim 48
+    model = tiny_model(name, "base", conv_feature_layers=wide)
+    weights = {k: v for k, v in fairseq_state_dict(model, False).items() if not k.startswith("post_extract_proj.")}
+    task = {"_name": "hubert_pretraining" if name == "hubert" else "audio_pretraining", "labels": ["km"],
+            "label_rate": 50.0}
+    if name == "hubert":  # fairseq's dictionary rows <s> <pad> </s> <unk> come first
+        emb = weights["label_embs_concat"]
+        weights["label_embs_concat"] = torch.cat([torch.randn(4, emb.shape[1]), emb])
+    src = tmp_path / "fairseq.pt"
+    torch.save({"model": weights, "cfg": omegaconf({"model": fairseq_model_section(model), "task": task})}, src)
+    out = tmp_path / "imported.pt"
+    assert main(["import", str(src), "--from", "fairseq", "--out", str(out)]) == 0
+    loaded = load_speechssl(out)
+    assert loaded.model.feature_projection.projection is None
+    assert not any(k.startswith("feature_projection.projection") for k in loaded.model.state_dict())
+    # the encoder sees the normalised conv features themselves: fairseq's forward without post_extract_proj
+    source, padding_mask, _ = padded_batch()
+    with torch.no_grad():
+        conv = loaded.model.feature_extractor(source)
+        normed = torch.nn.functional.layer_norm(conv, (48,), weights["layer_norm.weight"], weights["layer_norm.bias"])
+        frame_pad = features(loaded.model, source, padding_mask)["padding_mask"]
+        expected, _ = loaded.model.encoder(normed, frame_pad)
+    assert max_diff(features(loaded.model, source, padding_mask)["x"], expected) == 0

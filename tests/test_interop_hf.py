@@ -156,3 +156,26 @@ def test_import_errors(tmp_path):
 
     with pytest.raises(InteropError, match="model_type 'bert'"):
         import_hf(tmp_path / "d")
+
+
+def test_model_without_feature_projection_round_trips_through_transformers(tmp_path):
+    """conv channels == encoder width: speechssl (as fairseq) has no feature projection, transformers always
+    has one; export writes an identity, import drops it again, and a learned one is refused."""
+    wide = [(48, 10, 5)] + [(48, 3, 2)] * 4 + [(48, 2, 2)] * 2
+    model = tiny_model("wav2vec2", "large", conv_feature_layers=wide)
+    assert model.feature_projection.projection is None
+    ckpt = save_model(tmp_path / "m.pt", model)
+    assert main(["export", str(ckpt), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.Wav2Vec2ForPreTraining.from_pretrained(tmp_path / "hf").eval()
+    assert torch.equal(hf.wav2vec2.feature_projection.projection.weight, torch.eye(48))
+    source, padding_mask, _ = padded_batch()
+    ours = features(model, source, padding_mask)
+    assert_layers_match(ours, hf_hidden(hf, source, padding_mask), ~ours["padding_mask"], model.cfg.encoder_layers)
+    assert main(["import", str(tmp_path / "hf"), "--from", "hf", "--out", str(tmp_path / "back.pt")]) == 0
+    back = load_speechssl(tmp_path / "back.pt").model
+    assert back.feature_projection.projection is None
+    assert max_diff(features(back, source, padding_mask)["x"], ours["x"]) == 0
+    with torch.no_grad():
+        hf.wav2vec2.feature_projection.projection.weight.add_(0.01)
+    hf.save_pretrained(tmp_path / "learned")
+    assert main(["import", str(tmp_path / "learned"), "--from", "hf", "--out", str(tmp_path / "x.pt")]) == 1

@@ -75,7 +75,9 @@ class InferenceGraph(nn.Module):
         L = features.shape[1]
         pad = torch.arange(L, device=source.device)[None, :] >= frames[:, None]  # (B, L) True = padded
         proj = self.upstream.feature_projection
-        x = proj.projection(proj.layer_norm(features))
+        x = proj.layer_norm(features)
+        if proj.projection is not None:
+            x = proj.projection(x)
         enc = self.upstream.encoder
         x = x.masked_fill(pad.unsqueeze(-1), 0.0)
         x = x + enc.pos_conv(x)

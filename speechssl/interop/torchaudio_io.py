@@ -102,7 +102,10 @@ def import_torchaudio(folder: str | Path):
         raise InteropError(f"{meta_path}: kwargs lack {exc}") from None
     weights = torch.load(weights_path, map_location="cpu", weights_only=True)
     aux = {k: weights.pop(k) for k in ("aux.weight", "aux.bias") if k in weights}
-    state = convert_reference_state_dict(weights)
+    try:
+        state = convert_reference_state_dict(weights)
+    except ValueError as exc:
+        raise InteropError(f"{weights_path}: {exc}") from None
     fresh = build_model(model_cfg).state_dict()
     notes = sorted(k for k in fresh if k not in state)
     state = {**{k: fresh[k] for k in notes}, **state}

@@ -115,7 +115,23 @@ def convert_reference_state_dict(state_dict: Mapping[str, Tensor], strict: bool 
     if unmapped and strict:
         raise ValueError(f"{len(unmapped)} parameters have no speechssl counterpart: {unmapped[:8]}"
                          f"{' ...' if len(unmapped) > 8 else ''} (pass strict=False to drop them)")
+    _drop_identity_projection(out)
     return out
+
+
+def _drop_identity_projection(out: dict[str, Tensor]) -> None:
+    """A square feature projection (conv channels == encoder width): speechssl, as fairseq, has none.
+    torchaudio / transformers always have one, and an identity (what speechssl exports) is dropped; a
+    learned one cannot be represented and is an error."""
+    w, b = out.get("feature_projection.projection.weight"), out.get("feature_projection.projection.bias")
+    if w is None or w.shape[0] != w.shape[1]:
+        return
+    if not torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype)) or (b is not None and bool(b.any())):
+        raise ValueError(f"feature_projection.projection is a learned {w.shape[0]}x{w.shape[1]} Linear; speechssl "
+                         "(like fairseq) has no feature projection when the conv channels equal the encoder width, "
+                         "so this model cannot be converted")
+    out.pop("feature_projection.projection.weight")
+    out.pop("feature_projection.projection.bias", None)
 
 
 def _get(cfg: Any, key: str) -> Any:
