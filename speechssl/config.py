@@ -226,6 +226,11 @@ class ModelConfig:
     num_classes: list[int] = field(default_factory=list)
     # labels per second (fairseq's HubertConfig.label_rate = ${task.label_rate}); -1: take task.label_rate
     label_rate: float = -1.0
+    # sample -> frame padding mask: auto (fairseq's rule of the model: all_samples for HuBERT, conv_length
+    # for wav2vec 2.0) | all_samples (a frame is padding only if every sample of its stride window is:
+    # fairseq's HubertModel) | conv_length (frames past the conv output length of the valid samples:
+    # fairseq's Wav2Vec2Model, torchaudio, transformers)
+    frame_padding: str = "auto"
     # fine-tuning (fairseq's Wav2Vec2AsrConfig names; see speechssl/tasks/ctc.py)
     w2v_path: Optional[str] = None  # pretrained checkpoint; None: train the same architecture from scratch
     apply_mask: bool = True  # time/channel masking of the upstream during fine-tuning

@@ -14,7 +14,8 @@ from speechssl.interop.common import load_speechssl
 from speechssl.text.vocab import Vocabulary
 
 from test_interop_common import (
-    STYLES, TOL, VOCAB, features, max_diff, padded_batch, save_ctc, save_model, tiny_ctc, tiny_model,
+    STYLES, TOL, VOCAB, features, max_diff, padded_batch, reference_rule, save_ctc, save_model, tiny_ctc,
+    tiny_model,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -96,7 +97,7 @@ def test_import_encoder_only_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize("style", sorted(STYLES))
 def test_hubert_both_ways(tmp_path, style):
-    model = tiny_model("hubert", style)
+    model = tiny_model("hubert", style, **reference_rule("hubert"))
     ckpt = save_model(tmp_path / "h.pt", model)
     out = tmp_path / "hf"
     assert main(["export", str(ckpt), "--to", "hf", "--out", str(out)]) == 0
@@ -110,12 +111,13 @@ def test_hubert_both_ways(tmp_path, style):
     assert main(["import", str(out), "--from", "hf", "--out", str(back)]) == 0
     loaded = load_speechssl(back)
     assert loaded.cfg.model.name == "hubert" and loaded.cfg.model.layer_norm_first == (style == "large")
+    assert loaded.cfg.model.frame_padding == "conv_length"  # transformers' rule: the import computes what it did
     assert max_diff(features(loaded.model, source, padding_mask)["x"], ours["x"], ~ours["padding_mask"]) == 0
 
 
 @pytest.mark.parametrize("name,style", [("wav2vec2", "base"), ("hubert", "large")])
 def test_ctc_export_transcribes_the_same_text(tmp_path, name, style):
-    ctc, cfg = tiny_ctc(name, style)
+    ctc, cfg = tiny_ctc(name, style, **reference_rule(name))
     ckpt = save_ctc(tmp_path / "ctc.pt", ctc, cfg)
     out = tmp_path / "hf_ctc"
     assert main(["export", str(ckpt), "--to", "hf", "--out", str(out)]) == 0

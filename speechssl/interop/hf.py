@@ -155,8 +155,9 @@ def _model_config(raw: dict[str, Any], folder: Path) -> ModelConfig:
         d = hf.to_dict()
         d.update(proj_codevector_dim=256, num_codevectors_per_group=320, num_codevector_groups=2, codevector_dim=256,
                  num_negatives=100, contrastive_logits_temperature=0.1, feat_quantizer_dropout=0.0)
+        # transformers' frame padding rule (conv output length), so that the import computes what the source did
         return dataclasses.replace(config_from_transformers(d), name="hubert", quantize_targets=False, final_dim=256,
-                                   untie_final_proj=False)
+                                   untie_final_proj=False, frame_padding="conv_length")
     if getattr(hf, "adapter_attn_dim", None) or getattr(hf, "add_adapter", False):
         raise InteropError(f"{folder}: adapters are not supported")
     return config_from_transformers(hf)

@@ -78,6 +78,8 @@ def config_from_torchaudio(kwargs: dict[str, Any], name: str) -> ModelConfig:
         layer_norm_first=bool(kwargs["encoder_layer_norm_first"]),
         encoder_layerdrop=float(kwargs["encoder_layer_drop"]),
         quantize_targets=name == "wav2vec2", feature_grad_mult=1.0,
+        # torchaudio's frame padding rule (conv output length), also for HuBERT (fairseq's HuBERT: all_samples)
+        frame_padding="auto" if name == "wav2vec2" else "conv_length",
     )
 
 

@@ -57,7 +57,8 @@ class HubertModel(nn.Module):
         sample_rate: audio sample rate, for the label-to-frame ratio (16 kHz for every published model).
     """
 
-    # the very same code as wav2vec 2.0 (it only uses cfg, feature_extractor and mask_emb)
+    # the very same code as wav2vec 2.0 (it only uses cfg, feature_extractor and mask_emb); the frame
+    # padding rule follows model.frame_padding, fairseq's all_samples for HuBERT unless set
     frame_padding_mask = Wav2Vec2Model.frame_padding_mask
     extract_conv_features = Wav2Vec2Model.extract_conv_features
     apply_mask = Wav2Vec2Model.apply_mask

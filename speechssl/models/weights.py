@@ -232,7 +232,8 @@ def hubert_config_from_transformers(hf_config: Any, num_classes: list[int] | Non
 
     transformers' HuBERT has no pretraining head: ``num_classes`` / ``label_rate`` (and ``final_dim`` 256,
     untied projection, as HuBERT BASE) describe the head to add, if any; its gradient into the
-    extractor is unscaled (``feature_grad_mult`` 1.0).
+    extractor is unscaled (``feature_grad_mult`` 1.0); its frame padding is the conv-length rule
+    (``frame_padding: conv_length``; fairseq's HuBERT, speechssl's default, uses ``all_samples``).
     """
     from speechssl.models.hubert import hubert_base_config
 
@@ -244,7 +245,7 @@ def hubert_config_from_transformers(hf_config: Any, num_classes: list[int] | Non
         raise ValueError("HubertConfig.feat_proj_layer_norm=False (no LayerNorm before the feature projection) has "
                          "no speechssl counterpart")
     return dataclasses.replace(hubert_base_config(num_classes or [], label_rate),
-                               **_encoder_fields_from_transformers(hf_config))
+                               **_encoder_fields_from_transformers(hf_config), frame_padding="conv_length")
 
 
 def _has(cfg: Any, key: str) -> bool:
