@@ -402,6 +402,14 @@ def test_import_fairseq_ctc_checkpoint(tmp_path, omegaconf, one_thread, name, st
     source, padding_mask, _ = padded_batch()
     with torch.no_grad():
         assert max_diff(loaded.model(source, padding_mask)["logits"], ctc(source, padding_mask)["logits"]) == 0
+    # fine-tuning and pretraining normalisation differ: fairseq refuses to build such a model, so does import
+    model_section["w2v_args"]["task"]["normalize"] = True
+    torch.save({"model": weights, "cfg": omegaconf({"model": model_section, "task": {"normalize": False}})}, src)
+    with pytest.raises(Exception, match=r"task.normalize=false but its upstream \(w2v_args\) was pretrained with "
+                                        r"normalize=true"):
+        from speechssl.interop.fairseq import import_fairseq
+
+        import_fairseq(src, dict_file)
 
 
 def test_unknown_and_unsupported_fairseq_content(tmp_path, omegaconf):

@@ -295,7 +295,13 @@ def _import_ctc(weights: dict[str, Tensor], model_section: Mapping[str, Any], ta
     if state["proj.weight"].shape[0] != len(vocab):
         raise InteropError(f"{source}: the output layer has {state['proj.weight'].shape[0]} symbols but "
                            f"{dictionary} gives {len(vocab)} (with fairseq's 4 special symbols); wrong dictionary?")
+    # fairseq asserts that fine-tuning normalised as pretraining did; a checkpoint where they differ is refused
+    upstream_norm = bool(inner_task.get("normalize", inner_model.get("normalize", False)))
+    normalize = bool(task_section.get("normalize", upstream_norm))
+    if normalize != upstream_norm:
+        raise InteropError(f"{source}: task.normalize={str(normalize).lower()} but its upstream (w2v_args) was "
+                           f"pretrained with normalize={str(upstream_norm).lower()}; fairseq itself refuses such a "
+                           "model, so speechssl does not guess which one its weights expect")
     config = imported_config(cfg, sample_rate=int(inner_task.get("sample_rate", 16000) or 16000),
-                             normalize=bool(task_section.get("normalize", inner_task.get("normalize", False))),
-                             vocab=vocab)
+                             normalize=normalize, vocab=vocab)
     return state, config, num_updates

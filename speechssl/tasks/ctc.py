@@ -105,7 +105,7 @@ def build_ctc_finetuning(cfg: Config):
     vocab = build_vocabulary(cfg)
     # resolve the upstream's architecture into cfg.model: saved with every checkpoint
     pretrained = bool(cfg.model.w2v_path)
-    cfg.model = resolve_finetune_config(cfg.model)
+    cfg.model = resolve_finetune_config(cfg.model, cfg.task.normalize)  # refuses another normalisation
     model = build_ctc_model(cfg.model, len(vocab), load_upstream=pretrained)
     train = ctc_dataset(cfg, cfg.dataset.train_subset, vocab)
     valid = None if cfg.dataset.disable_validation else ctc_dataset(cfg, cfg.dataset.valid_subset, vocab)
