@@ -115,6 +115,9 @@ class OptimizerConfig:
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-6
     weight_decay: float = 0.01
+    # not in fairseq: which parameters decay: matrices (weight matrices and conv kernels; biases, norm
+    # affines, mask_emb and weight-norm magnitudes are exempt) | all (every parameter, as fairseq's adam)
+    weight_decay_scope: str = "matrices"
 
 
 @dataclass
