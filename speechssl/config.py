@@ -81,6 +81,11 @@ class TaskConfig:
     # dict.ltr.txt or the sentencepiece model when empty and saved in the checkpoint
     vocab: list[str] = field(default_factory=list)
     spm_model: Optional[str] = None  # sentencepiece model for task.labels=[wrd] (speechssl spm train)
+    # a CTC vocabulary imported from transformers in another layout than fairseq's: its tokenizer's
+    # [pad (= the blank), unk, bos, eos] tokens, and the blank's id there; task.vocab then holds the
+    # blank first and the other symbols in their original order (empty / 0: fairseq's layout)
+    vocab_specials: list[str] = field(default_factory=list)
+    vocab_blank_id: int = 0
 
 
 @dataclass

@@ -46,7 +46,10 @@ def torchaudio_export(loaded: Loaded) -> tuple[dict[str, Any], dict[str, Tensor]
     if loaded.is_ctc:
         kwargs["aux_num_out"] = len(loaded.vocab)
         weights["aux.weight"], weights["aux.bias"] = loaded.model.proj.weight, loaded.model.proj.bias
-        meta["labels"] = loaded.vocab
+        meta["labels"] = loaded.vocab  # blank first
+        if loaded.cfg.task.vocab_specials:  # a vocabulary imported from transformers, in its tokenizer's layout
+            meta["vocab_specials"] = list(loaded.cfg.task.vocab_specials)
+            meta["vocab_blank_id"] = loaded.cfg.task.vocab_blank_id
     meta["kwargs"] = kwargs
     return meta, {k: v.detach().contiguous().clone() for k, v in weights.items()}, unmapped
 
@@ -122,5 +125,7 @@ def import_torchaudio(folder: str | Path):
         notes = [n for n in notes if not n.startswith(drop)]
         model_cfg = dataclasses.replace(model_cfg, quantize_targets=False)
     config = imported_config(model_cfg, sample_rate=int(meta.get("sample_rate", 16000)),
-                             normalize=bool(meta.get("normalize", False)), vocab=vocab if aux else None)
+                             normalize=bool(meta.get("normalize", False)), vocab=vocab if aux else None,
+                             vocab_specials=meta.get("vocab_specials") or [],
+                             vocab_blank_id=int(meta.get("vocab_blank_id", 0)))
     return state, config, notes
