@@ -167,13 +167,13 @@ def test_frame_padding_is_fairseqs_hubert_rule():
     valid samples (wav2vec 2.0, torchaudio, transformers): BASE's front-end (the tiny config has the same
     kernels and strides), 16,000 valid of 32,000 samples -> 50 valid frames, the conv rule gives 49."""
     model = HubertModel(make_config("base")).eval()
-    assert model.cfg.frame_padding == "auto"
     lengths = torch.tensor([32000, 16000, 12345, 4000, 401])
     padding = torch.arange(32000)[None] >= lengths[:, None]
     L = int(model.feature_extractor.output_lengths(torch.tensor(32000)))
     mine = model.frame_padding_mask(padding, L)
     assert torch.equal(mine, fairseq_forward_padding_mask(padding, L))
     assert (~mine).sum(1).tolist() == [99, 50, 39, 13, 2]
+    assert model.cfg.frame_padding == "auto"
     assert model.feature_extractor.output_lengths(lengths).tolist() == [99, 49, 38, 12, 1]
     # the label-trimmed frame count (forward_targets) is the one the rule runs on, as in fairseq
     assert torch.equal(model.frame_padding_mask(padding, 60), fairseq_forward_padding_mask(padding, 60))
