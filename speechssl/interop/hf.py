@@ -108,7 +108,8 @@ def hf_vocab_layout(loaded: Loaded) -> HfVocabLayout:
     if not task.vocab_specials:  # fairseq's order: the blank <s> and <pad> swap names
         if tuple(vocab[:4]) != SPECIALS:
             raise InteropError(f"CTC vocabulary must start with {SPECIALS}, got {vocab[:4]}")
-        return HfVocabLayout(["<pad>", "<s>"] + list(vocab[2:]), list(range(len(vocab))), "<pad>", "<unk>", "<s>", "</s>")
+        names = ["<pad>", "<s>"] + list(vocab[2:])
+        return HfVocabLayout(names, list(range(len(vocab))), "<pad>", "<unk>", "<s>", "</s>")
     blank = task.vocab_blank_id
     if not 0 <= blank < len(vocab):
         raise InteropError(f"task.vocab_blank_id={blank} is outside the vocabulary of {len(vocab)} symbols")
@@ -268,14 +269,14 @@ def _vocab(folder: Path, lm_rows: int, pad_id: int) -> tuple[list[str], list[int
                            f"(vocab_size {lm_rows})")
     tokens = _tokenizer_tokens(folder)
     if names[pad_id] != tokens["pad_token"]:
-        raise InteropError(f"{folder}: the CTC blank, config.json's pad_token_id {pad_id}, is '{names[pad_id]}' but the "
-                           f"tokenizer's pad token is '{tokens['pad_token']}'; they must be the same token")
+        raise InteropError(f"{folder}: the CTC blank, config.json's pad_token_id {pad_id}, is '{names[pad_id]}' but "
+                           f"the tokenizer's pad token is '{tokens['pad_token']}'; they must be the same token")
     if pad_id == 0 and tuple(names[:4]) == ("<pad>", "<s>", "</s>", "<unk>"):  # fairseq's, as speechssl exports
         return ["<s>", "<pad>"] + names[2:], list(range(lm_rows)), []
     pieces = any(n.startswith("\u2581") for n in names)
     if not pieces and tokens["word_delimiter_token"] != "|":
-        raise InteropError(f"{folder}: word_delimiter_token '{tokens['word_delimiter_token']}'; speechssl decodes letter "
-                           "vocabularies with '|' between words")
+        raise InteropError(f"{folder}: word_delimiter_token '{tokens['word_delimiter_token']}'; speechssl decodes "
+                           "letter vocabularies with '|' between words")
     rows = [pad_id] + [i for i in range(lm_rows) if i != pad_id]
     specials = [tokens[k] for k in ("pad_token", "unk_token", "bos_token", "eos_token")]
     return [names[i] for i in rows], rows, specials

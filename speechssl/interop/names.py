@@ -66,7 +66,7 @@ def upstream_to_reference(state_dict: Mapping[str, Tensor], flavor: str) -> tupl
     unmapped = []
     norm = state_dict.get("feature_projection.layer_norm.weight")
     if norm is not None and "feature_projection.projection.weight" not in state_dict:
-        prefix = "feature_projection.projection" if flavor == "transformers" else "encoder.feature_projection.projection"
+        prefix = ("" if flavor == "transformers" else "encoder.") + "feature_projection.projection"
         out[f"{prefix}.weight"] = torch.eye(norm.shape[0], dtype=norm.dtype)
         out[f"{prefix}.bias"] = torch.zeros(norm.shape[0], dtype=norm.dtype)
     for key, value in state_dict.items():
