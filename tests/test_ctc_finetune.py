@@ -42,11 +42,10 @@ def _pretrained_checkpoint(path, seed=0):
 def test_upstream_normalisation_is_required_of_the_finetuning_task(tmp_path, corpus):
     """fairseq's Wav2VecEncoder asserts task.normalize == the upstream's: a task.normalize=true upstream (as
     LARGE) fine-tuned with normalize false (the ctc_base_* recipes) is refused, naming both values."""
+    from speechssl.models import Wav2Vec2Model, wav2vec2_tiny_config
     from speechssl.tasks.ctc import build_ctc_finetuning
 
     ckpt = tmp_path / "pre_normalized.pt"
-    from speechssl.models import Wav2Vec2Model, wav2vec2_tiny_config
-
     cfg = Config(model=wav2vec2_tiny_config())
     cfg.task.normalize = True
     save_checkpoint({"model": Wav2Vec2Model(cfg.model).state_dict(), "config": cfg.to_dict()}, ckpt)
