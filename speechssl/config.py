@@ -81,6 +81,11 @@ class TaskConfig:
     # dict.ltr.txt or the sentencepiece model when empty and saved in the checkpoint
     vocab: list[str] = field(default_factory=list)
     spm_model: Optional[str] = None  # sentencepiece model for task.labels=[wrd] (speechssl spm train)
+    # a CTC vocabulary imported from transformers in another layout than fairseq's: its tokenizer's
+    # [pad (= the blank), unk, bos, eos] tokens, and the blank's id there; task.vocab then holds the
+    # blank first and the other symbols in their original order (empty / 0: fairseq's layout)
+    vocab_specials: list[str] = field(default_factory=list)
+    vocab_blank_id: int = 0
 
 
 @dataclass
@@ -115,6 +120,9 @@ class OptimizerConfig:
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-6
     weight_decay: float = 0.01
+    # not in fairseq: which parameters decay: matrices (weight matrices and conv kernels; biases, norm
+    # affines, mask_emb and weight-norm magnitudes are exempt) | all (every parameter, as fairseq's adam)
+    weight_decay_scope: str = "matrices"
 
 
 @dataclass
@@ -228,6 +236,11 @@ class ModelConfig:
     num_classes: list[int] = field(default_factory=list)
     # labels per second (fairseq's HubertConfig.label_rate = ${task.label_rate}); -1: take task.label_rate
     label_rate: float = -1.0
+    # sample -> frame padding mask: auto (fairseq's rule of the model: all_samples for HuBERT, conv_length
+    # for wav2vec 2.0) | all_samples (a frame is padding only if every sample of its stride window is:
+    # fairseq's HubertModel) | conv_length (frames past the conv output length of the valid samples:
+    # fairseq's Wav2Vec2Model, torchaudio, transformers)
+    frame_padding: str = "auto"
     # fine-tuning (fairseq's Wav2Vec2AsrConfig names; see speechssl/tasks/ctc.py)
     w2v_path: Optional[str] = None  # pretrained checkpoint; None: train the same architecture from scratch
     apply_mask: bool = True  # time/channel masking of the upstream during fine-tuning

@@ -152,7 +152,7 @@ def evaluate_ctc(ckpt_path: str | Path, manifest_dir: str | Path, split: str = "
             raise EvaluationError(f"{out} already holds {', '.join(existing)}; add --force to overwrite")
     dev = _device(device)
     model, cfg = load_ctc_checkpoint(str(ckpt_path), dev)
-    vocab = Vocabulary.for_labels(cfg.task.labels[0], cfg.task.vocab)
+    vocab = Vocabulary.for_task(cfg.task)
     if batch_size is None and max_tokens is None:
         # group norm over time (BASE's first conv layer) sees the padding: decode one utterance at a time
         batch_size, max_tokens = (1, None) if cfg.model.extractor_mode == "default" else (None, 1_600_000)

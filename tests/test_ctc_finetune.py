@@ -39,6 +39,30 @@ def _pretrained_checkpoint(path, seed=0):
     return model
 
 
+def test_upstream_normalisation_is_required_of_the_finetuning_task(tmp_path, corpus):
+    """fairseq's Wav2VecEncoder asserts task.normalize == the upstream's: a task.normalize=true upstream (as
+    LARGE) fine-tuned with normalize false (the ctc_base_* recipes) is refused, naming both values."""
+    from speechssl.models import Wav2Vec2Model, wav2vec2_tiny_config
+    from speechssl.tasks.ctc import build_ctc_finetuning
+
+    ckpt = tmp_path / "pre_normalized.pt"
+    cfg = Config(model=wav2vec2_tiny_config())
+    cfg.task.normalize = True
+    save_checkpoint({"model": Wav2Vec2Model(cfg.model).state_dict(), "config": cfg.to_dict()}, ckpt)
+    rec = tiny_ctc_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run", model={"w2v_path": str(ckpt)},
+                          task={"normalize": False})
+    with pytest.raises(ConfigError, match=r"task.normalize=false, but the upstream model.w2v_path=.*pre_normalized"
+                                          r"\.pt was pretrained with task.normalize=true.*set task.normalize=true"):
+        build_ctc_finetuning(load_config(rec))
+    setup = build_ctc_finetuning(load_config(rec, ["task.normalize=true"]))
+    assert setup.train_data.normalize  # the audio is normalised as in pretraining
+    _pretrained_checkpoint(tmp_path / "pre_plain.pt")  # task.normalize false
+    rec = tiny_ctc_recipe(tmp_path / "r2.yaml", corpus, tmp_path / "run2",
+                          model={"w2v_path": str(tmp_path / "pre_plain.pt")}, task={"normalize": True})
+    with pytest.raises(ConfigError, match="task.normalize=true, but the upstream"):
+        build_ctc_finetuning(load_config(rec))
+
+
 def test_tiny_model_learns_to_transcribe(tmp_path, corpus, one_thread):
     from speechssl.evaluate import evaluate_ctc
 

@@ -79,6 +79,19 @@ def test_letter_vocabulary_round_trip(tmp_path):
         Vocabulary.from_dict_file(tmp_path / "missing" / "dict.ltr.txt")
 
 
+def test_vocabulary_in_a_transformers_tokenizers_layout():
+    """Blank first, the tokenizer's own specials (task.vocab_specials) wherever they are: decoding drops them,
+    unknown symbols encode as its unk token."""
+    symbols = ["[PAD]", "a", "b", "|", "[UNK]", "<s>", "</s>"]
+    v = Vocabulary(symbols, "letter", specials=["[PAD]", "[UNK]", "<s>", "</s>"])
+    assert v.decode([1, 4, 2, 3, 5, 1, 6]) == "ab a"
+    assert v.encode("a | z") == [1, 3, 4]
+    with pytest.raises(VocabError, match="pad token .* first"):
+        Vocabulary(symbols[1:], "letter", specials=["[PAD]", "[UNK]", "<s>", "</s>"])
+    with pytest.raises(VocabError, match="must start with <s>"):
+        Vocabulary(symbols, "letter")
+
+
 def test_sentencepiece_round_trip_and_cli(tmp_path, capsys):
     from speechssl.cli import main
 

@@ -80,3 +80,43 @@ def test_bad_layers(tmp_path, corpus, capsys):
     for bad in ("1,1", "x", "0", ""):
         with pytest.raises(FeatureStoreError):
             parse_layers(bad, 4)
+
+
+def test_evaluate_extract_and_features_layer_normalise_as_their_checkpoint(tmp_path, corpus):
+    """Item 4 of issue 13 at inference: evaluate, extract and features layer have one source for
+    task.normalize, the checkpoint they load (for a fine-tuned one its upstream's: fine-tuning refuses any
+    other value), and apply it, here true: features and transcripts are those of the normalised audio."""
+    from speechssl.data.dataset import normalize_wave
+    from speechssl.decode.greedy import greedy_decode
+    from speechssl.evaluate import evaluate_ctc
+    from speechssl.features.store import FeatureSet
+    from speechssl.text.vocab import Vocabulary
+
+    from test_interop_common import VOCAB
+
+    manifest, audio = corpus
+    waves = [sf.read(audio / f"u{i}.wav", dtype="float32")[0] for i in range(len(LENGTHS))]
+    normed = [torch.from_numpy(normalize_wave(w)) for w in waves]
+    assert all(np.abs(n.numpy() - w).max() > 0.1 for n, w in zip(normed, waves))  # normalising changes the input
+
+    model = tiny_model("wav2vec2", "large")
+    ckpt = save_model(tmp_path / "m.pt", model, normalize=True)
+    assert main(["extract", str(ckpt), str(manifest), "--split", "dev", "--layers", "2", "--out",
+                 str(tmp_path / "x"), "--num-workers", "0"]) == 0
+    assert main(["features", "layer", str(manifest), "--split", "dev", "--ckpt", str(ckpt), "--layer", "2",
+                 "--out", str(tmp_path / "l"), "--num-workers", "0"]) == 0
+    extracted, layer = LayerFeatures.open(tmp_path / "x", "dev"), FeatureSet.open(tmp_path / "l", "dev")
+    assert layer.meta["settings"]["normalize"] is True
+    for i, n in enumerate(normed):
+        ref = features(model, n[None], None)["layer_results"][1][0].numpy()
+        assert np.abs(extracted.utterance(i)[0] - ref).max() < 1e-5
+        assert np.abs(layer.utterance(i) - ref).max() < 1e-5
+
+    ctc, cfg = tiny_ctc("wav2vec2", "large")
+    ckpt = save_ctc(tmp_path / "ctc.pt", ctc, cfg, normalize=True)
+    (manifest / "dev.wrd").write_text("".join("EAT\n" for _ in LENGTHS))
+    evaluate_ctc(ckpt, manifest, "dev", tmp_path / "eval", device="cpu", quiet=True)
+    vocab = Vocabulary(VOCAB, "letter")
+    with torch.no_grad():
+        expected_hyps = [vocab.decode(greedy_decode(ctc(n[None])["logits"])[0]) for n in normed]
+    assert (tmp_path / "eval" / "hyp.wrd").read_text().splitlines() == expected_hyps

@@ -37,11 +37,11 @@ def tiny_model(name: str = "wav2vec2", style: str = "base", seed: int = 0, **ove
     return model.eval()
 
 
-def tiny_ctc(name: str = "wav2vec2", style: str = "base", seed: int = 0):
+def tiny_ctc(name: str = "wav2vec2", style: str = "base", seed: int = 0, **overrides):
     from speechssl.models.ctc import Wav2VecCtc
 
-    upstream = tiny_model(name, style, seed, quantize_targets=False) if name == "wav2vec2" else \
-        tiny_model(name, style, seed)
+    upstream = tiny_model(name, style, seed, quantize_targets=False, **overrides) if name == "wav2vec2" else \
+        tiny_model(name, style, seed, **overrides)
     cfg = dataclasses.replace(upstream.cfg, num_classes=[]) if name == "hubert" else upstream.cfg
     if name == "hubert":
         fresh = HubertModel(cfg)
@@ -54,6 +54,12 @@ def tiny_ctc(name: str = "wav2vec2", style: str = "base", seed: int = 0):
         model.proj.bias[4:] += 2.0  # emit letters, not only blanks, so the transcripts are not empty
         model.proj.bias[1:4] -= 20.0  # and never <pad> </s> <unk> (trained models do not)
     return model.eval(), cfg
+
+
+def reference_rule(name: str) -> dict:
+    """Settings for a model compared with transformers / torchaudio on padded batches: their frame padding
+    rule (conv output length); speechssl's HuBERT follows fairseq's (all_samples) unless told."""
+    return {"frame_padding": "conv_length"} if name == "hubert" else {}
 
 
 def save_model(path: Path, model, normalize: bool = False) -> Path:

@@ -282,6 +282,9 @@ def fairseq_state_dict(model, new_weight_norm: bool) -> dict[str, torch.Tensor]:
             for n, chunk in zip("qkv", value.chunk(3)):
                 out[f"encoder.layers.{parts[2]}.self_attn.{n}_proj.{parts[-1]}"] = chunk.clone()
             continue
+        elif key == "label_embs_concat":  # fairseq's Dictionary rows <s> <pad> </s> <unk> come first
+            name, value = key, torch.cat([torch.rand(4, value.shape[1], generator=torch.Generator().manual_seed(9)),
+                                          value])
         else:
             name = key
         out[name] = value.clone()
@@ -399,6 +402,14 @@ def test_import_fairseq_ctc_checkpoint(tmp_path, omegaconf, one_thread, name, st
     source, padding_mask, _ = padded_batch()
     with torch.no_grad():
         assert max_diff(loaded.model(source, padding_mask)["logits"], ctc(source, padding_mask)["logits"]) == 0
+    # fine-tuning and pretraining normalisation differ: fairseq refuses to build such a model, so does import
+    model_section["w2v_args"]["task"]["normalize"] = True
+    torch.save({"model": weights, "cfg": omegaconf({"model": model_section, "task": {"normalize": False}})}, src)
+    with pytest.raises(Exception, match=r"task.normalize=false but its upstream \(w2v_args\) was pretrained with "
+                                        r"normalize=true"):
+        from speechssl.interop.fairseq import import_fairseq
+
+        import_fairseq(src, dict_file)
 
 
 def test_unknown_and_unsupported_fairseq_content(tmp_path, omegaconf):
@@ -414,3 +425,83 @@ def test_unknown_and_unsupported_fairseq_content(tmp_path, omegaconf):
     torch.save({"model": weights, "cfg": omegaconf({"model": {**section, "layer_type": "conformer"}})}, src)
     with pytest.raises(Exception, match="layer_type='conformer' is not supported"):
         import_fairseq(src)
+
+
+@pytest.mark.parametrize("name", ["wav2vec2", "hubert"])
+def test_import_fairseq_checkpoint_without_feature_projection(tmp_path, omegaconf, one_thread, name):
+    """fairseq builds post_extract_proj only when the conv channels differ from encoder_embed_dim: a
+    checkpoint of such a model has no post_extract_proj.* weights, and imports without one."""
+    wide = [(48, 10, 5)] + [(48, 3, 2)] * 4 + [(48, 2, 2)] * 2  # 48 conv channels == encoder_embed_dim 48
+    model = tiny_model(name, "base", conv_feature_layers=wide)
+    weights = {k: v for k, v in fairseq_state_dict(model, False).items() if not k.startswith("post_extract_proj.")}
+    task = {"_name": "hubert_pretraining" if name == "hubert" else "audio_pretraining", "labels": ["km"],
+            "label_rate": 50.0}
+    src = tmp_path / "fairseq.pt"
+    torch.save({"model": weights, "cfg": omegaconf({"model": fairseq_model_section(model), "task": task})}, src)
+    out = tmp_path / "imported.pt"
+    assert main(["import", str(src), "--from", "fairseq", "--out", str(out)]) == 0
+    loaded = load_speechssl(out)
+    assert loaded.model.feature_projection.projection is None
+    assert not any(k.startswith("feature_projection.projection") for k in loaded.model.state_dict())
+    # the encoder sees the normalised conv features themselves: fairseq's forward without post_extract_proj
+    source, padding_mask, _ = padded_batch()
+    with torch.no_grad():
+        conv = loaded.model.feature_extractor(source)
+        normed = torch.nn.functional.layer_norm(conv, (48,), weights["layer_norm.weight"], weights["layer_norm.bias"])
+        frame_pad = features(loaded.model, source, padding_mask)["padding_mask"]
+        expected, _ = loaded.model.encoder(normed, frame_pad)
+    assert max_diff(features(loaded.model, source, padding_mask)["x"], expected) == 0
+
+
+def hubert_checkpoint(tmp_path, omegaconf, model, weights, name="fairseq.pt"):
+    task = {"_name": "hubert_pretraining", "sample_rate": 16000, "normalize": False, "labels": ["km"],
+            "label_rate": 50.0}
+    src = tmp_path / name
+    torch.save({"model": weights, "cfg": omegaconf({"model": fairseq_model_section(model), "task": task})}, src)
+    return src
+
+
+def test_hubert_classes_are_fairseq_dictionary_rows_4_on(tmp_path, omegaconf, one_thread):
+    """fairseq's HuBERT has 4 + K label embeddings (Dictionary.load prepends <s> <pad> </s> <unk> to
+    dict.km.txt); speechssl's class k is fairseq's row 4 + k, and its softmax runs over the K clusters."""
+    model = tiny_model("hubert", "base")  # 8 classes
+    weights = fairseq_state_dict(model, False)
+    assert weights["label_embs_concat"].shape[0] == 4 + 8
+    out = tmp_path / "imported.pt"
+    assert main(["import", str(hubert_checkpoint(tmp_path, omegaconf, model, weights)), "--from", "fairseq",
+                 "--out", str(out)]) == 0
+    loaded = load_speechssl(out)
+    assert loaded.cfg.model.num_classes == [8]
+    proj = torch.randn(5, loaded.model.final_dim)
+    with torch.no_grad():
+        mine = loaded.model.label_logits(proj, 0)
+    # fairseq's compute_nce logit of class k: cosine with its dictionary row 4 + k, over logit_temp
+    rows = weights["label_embs_concat"][4:]
+    theirs = torch.cosine_similarity(proj[:, None, :], rows[None], dim=-1) / loaded.cfg.model.logit_temp
+    assert max_diff(mine, theirs) < 1e-5
+    too_small = {**weights, "label_embs_concat": weights["label_embs_concat"][:4]}
+    src = hubert_checkpoint(tmp_path, omegaconf, model, too_small, "small.pt")
+    assert main(["import", str(src), "--from", "fairseq", "--out", str(tmp_path / "x.pt")]) == 1
+
+
+def test_hubert_label_embeddings_round_trip_through_fairseqs_layout(tmp_path, omegaconf, one_thread):
+    """One rule both ways: fairseq_state_dict (export) puts 4 dictionary rows in front, import drops them."""
+    from speechssl.interop.fairseq import fairseq_state_dict as export_weights
+
+    for style in ("base", "large"):
+        model = tiny_model("hubert", style)
+        weights = export_weights(model.state_dict(), model.cfg)
+        emb = weights["label_embs_concat"]
+        assert emb.shape[0] == 4 + 8 and not emb[:4].any()
+        assert torch.equal(emb[4:], model.label_embs_concat)
+        independent = fairseq_state_dict(model, False)
+        assert sorted(weights) == sorted(k for k in independent if k != "encoder.version")
+        for key in weights:
+            if key != "label_embs_concat":
+                assert torch.equal(weights[key], independent[key]), key
+        out = tmp_path / f"{style}.pt"
+        src = hubert_checkpoint(tmp_path, omegaconf, model, weights, f"{style}_fs.pt")
+        assert main(["import", str(src), "--from", "fairseq", "--out", str(out)]) == 0
+        back = load_speechssl(out).model
+        for key, value in model.state_dict().items():
+            assert torch.equal(back.state_dict()[key], value), key

@@ -11,7 +11,9 @@ import torch
 from speechssl.cli import main
 from speechssl.interop.common import load_speechssl
 
-from test_interop_common import TOL, VOCAB, features, max_diff, padded_batch, save_ctc, save_model, tiny_ctc, tiny_model
+from test_interop_common import (
+    TOL, VOCAB, features, max_diff, padded_batch, reference_rule, save_ctc, save_model, tiny_ctc, tiny_model,
+)
 
 torchaudio = pytest.importorskip("torchaudio")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +28,7 @@ def load_torchaudio(folder):
 
 @pytest.mark.parametrize("name,style", [("wav2vec2", "base"), ("wav2vec2", "large"), ("hubert", "large")])
 def test_pretraining_model_both_ways(tmp_path, name, style):
-    model = tiny_model(name, style)
+    model = tiny_model(name, style, **reference_rule(name))
     ckpt = save_model(tmp_path / "m.pt", model)
     out = tmp_path / "ta"
     assert main(["export", str(ckpt), "--to", "torchaudio", "--out", str(out)]) == 0
@@ -47,6 +49,7 @@ def test_pretraining_model_both_ways(tmp_path, name, style):
     assert main(["import", str(out), "--from", "torchaudio", "--out", str(back)]) == 0
     loaded = load_speechssl(back)
     assert loaded.cfg.model.name == name and loaded.cfg.model.layer_norm_first == (style == "large")
+    assert loaded.cfg.model.frame_padding == ("conv_length" if name == "hubert" else "auto")
     for key, value in model.state_dict().items():
         if not key.startswith(("mask_emb", "quantizer", "project_q", "final_proj", "label_embs")):
             assert torch.equal(loaded.model.state_dict()[key], value), key

@@ -189,6 +189,26 @@ def test_frozen_run_keeps_the_pretrained_upstream_and_resumes(tmp_path, one_thre
     assert [r["update"] for r in records if r.get("split") == "valid"] == [2, 4, 6]
 
 
+def test_upstream_normalisation_is_required_of_speaker_id(tmp_path):
+    """As CTC fine-tuning (fairseq's rule): task.normalize must equal the pretrained upstream's; the random-init
+    baseline of the same architecture (no_pretrained_weights) uses no upstream weights and is not checked."""
+    from speechssl.models import Wav2Vec2Model
+    from speechssl.tasks.speaker_id import build_speaker_id
+    from speechssl.train.checkpoint import save_checkpoint
+
+    pre_cfg = load_config(None, ["task.normalize=true"])
+    pre_cfg.model = wav2vec2_tiny_config()
+    save_checkpoint({"model": Wav2Vec2Model(pre_cfg.model).state_dict(), "config": pre_cfg.to_dict()},
+                    tmp_path / "pre.pt")
+    man = make_speaker_manifest(tmp_path, {"train": 2, "valid": 1})
+    recipe = speaker_recipe(tmp_path / "r.yaml", man, tmp_path / "run", w2v_path=str(tmp_path / "pre.pt"))
+    with pytest.raises(ConfigError, match=r"task.normalize=false, but the upstream .*pre\.pt was pretrained with "
+                                          r"task.normalize=true"):
+        build_speaker_id(load_config(recipe))
+    assert build_speaker_id(load_config(recipe, ["task.normalize=true"])).train_data.normalize
+    assert build_speaker_id(load_config(recipe, ["model.no_pretrained_weights=true"])).model is not None
+
+
 def test_closed_set_manifest_holds_out_a_share_of_every_speaker(tmp_path):
     from speechssl.tasks.speaker_id import make_closed_set_manifest, read_speaker_dict
 

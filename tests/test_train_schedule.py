@@ -79,12 +79,12 @@ def test_weight_decay_groups():
     net = Net()
     groups = {g["name"]: g for g in param_groups(net, 0.01)}
     names = {id(p): n for n, p in net.named_parameters()}
-    decay = sorted(names[id(p)] for p in groups["decay"]["params"])
-    no_decay = sorted(names[id(p)] for p in groups["no_decay"]["params"])
+    decay = sorted(names[id(p)] for p in groups["matrices"]["params"])
+    no_decay = sorted(names[id(p)] for p in groups["scales_biases"]["params"])
     assert decay == ["conv.parametrizations.weight.original1", "lin.weight"]
     assert no_decay == ["conv.bias", "conv.parametrizations.weight.original0", "gn.bias", "gn.weight", "lin.bias",
                         "ln.bias", "ln.weight", "mask_emb"]
-    assert groups["decay"]["weight_decay"] == 0.01 and groups["no_decay"]["weight_decay"] == 0.0
+    assert groups["matrices"]["weight_decay"] == 0.01 and groups["scales_biases"]["weight_decay"] == 0.0
     opt = build_optimizer(net, load_config(None, []).optimizer, lr=1e-3)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.98)
     assert opt.defaults["eps"] == 1e-6
@@ -103,3 +103,26 @@ def test_decoupled_weight_decay_only_on_matrices():
     assert torch.equal(net.bias, torch.ones(3))
     with pytest.raises(ConfigError, match="unknown optimizer 'sgd'"):
         build_optimizer(net, load_config(None, ["optimizer.name=sgd"]).optimizer, lr=0.1)
+
+
+def test_weight_decay_scope_all_decays_every_parameter_as_fairseqs_adam():
+    """optimizer.weight_decay_scope=all: biases, norm affines, mask_emb and the weight-norm magnitude decay
+    too, each by fairseq's adam step p -= lr * weight_decay * p (zero gradients: only the decay acts)."""
+    net = Net()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(2.0)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    cfg = load_config(None, ["optimizer.weight_decay=0.5", "optimizer.weight_decay_scope=all"]).optimizer
+    opt = build_optimizer(net, cfg, lr=0.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.5]
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in net.named_parameters():
+        if n.startswith("frozen."):
+            assert torch.equal(p, before[n])
+        else:  # fairseq/optim/adam.py: p_data_fp32.add_(p_data_fp32, alpha=-weight_decay * lr)
+            assert torch.allclose(p, before[n] - 0.5 * 0.1 * before[n]), n
+    with pytest.raises(ConfigError, match="weight_decay_scope must be one of matrices, all"):
+        build_optimizer(net, load_config(None, ["optimizer.weight_decay_scope=most"]).optimizer, lr=0.1)

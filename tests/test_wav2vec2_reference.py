@@ -4,6 +4,8 @@
 * transformers ``Wav2Vec2ForPreTraining``: conv features, every layer, quantized targets, context
   projections, contrastive logits and loss for the same mask and the same distractors, perplexities.
 
+The reference model's norm affines and biases are perturbed before its weights are converted
+(:func:`wav2vec2_fixtures.perturb_affines`), so that none of them is at its identity / zero init.
 Both a BASE-style config (group-norm extractor, no conv bias, post-LN) and a LARGE-style one
 (layer-norm extractor, conv bias, pre-LN) run on a padded batch of unequal lengths, eval mode, fp32.
 
@@ -34,7 +36,7 @@ from speechssl.models.weights import (
 )
 from speechssl.objectives import Wav2Vec2Criterion, contrastive_logits, sample_negatives
 
-from wav2vec2_fixtures import single_thread  # noqa: F401  (fixture)
+from wav2vec2_fixtures import perturb_affines, single_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -65,6 +67,7 @@ def padded_batch(seed: int = 0):
 def build_pair_transformers(cfg):
     torch.manual_seed(0)
     hf = transformers.Wav2Vec2ForPreTraining(transformers.Wav2Vec2Config(**transformers_config_kwargs(cfg)))
+    perturb_affines(hf)  # so that a norm or bias mapped wrongly shows
     ours = Wav2Vec2Model(cfg)
     ours.load_state_dict(convert_reference_state_dict(hf.state_dict()), strict=True)
     return hf.eval(), ours.eval()
@@ -79,7 +82,7 @@ def max_diff(a, b, where=None):
 def test_matches_torchaudio_encoder(style):
     cfg = make_config(style)
     torch.manual_seed(0)
-    ta = torchaudio.models.wav2vec2_model(**torchaudio_model_kwargs(cfg)).eval()
+    ta = perturb_affines(torchaudio.models.wav2vec2_model(**torchaudio_model_kwargs(cfg))).eval()
     ours = Wav2Vec2Model(cfg).eval()
     missing, unexpected = ours.load_state_dict(convert_reference_state_dict(ta.state_dict()), strict=False)
     assert not unexpected

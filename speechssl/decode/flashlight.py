@@ -32,7 +32,7 @@ class FlashlightDecoder:
         sil = "|" if vocab.kind == "letter" else SPECIALS[1]
         self.decoder = ctc_beam_decoder(
             list(vocab.symbols), lexicon=lexicon, lm=lm, beam_size=beam_size, lm_weight=lm_weight,
-            word_score=word_score, blank_token=SPECIALS[0], sil_token=sil, unk_word=SPECIALS[3])
+            word_score=word_score, blank_token=vocab.symbols[0], sil_token=sil, unk_word=SPECIALS[3])
 
     def __call__(self, logits: Tensor, lengths: Optional[Tensor] = None) -> list[str]:
         lprobs = torch.log_softmax(logits.float(), dim=-1).cpu().contiguous()

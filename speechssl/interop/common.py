@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -80,12 +80,15 @@ def load_speechssl(path: str | Path) -> Loaded:
 
 
 def imported_config(model_cfg: ModelConfig, *, sample_rate: int = 16000, normalize: bool = False,
-                    vocab: Optional[list[str]] = None, label_rate: float = -1.0) -> Config:
-    """The Config stored with an imported model: its architecture plus the task facts it needs."""
+                    vocab: Optional[list[str]] = None, label_rate: float = -1.0,
+                    vocab_specials: Sequence[str] = (), vocab_blank_id: int = 0) -> Config:
+    """The Config stored with an imported model: its architecture plus the task facts it needs
+    (``vocab_specials`` / ``vocab_blank_id``: a CTC vocabulary in a transformers tokenizer's layout)."""
     if vocab:
         pieces = any(s.startswith("\u2581") for s in vocab)  # sentencepiece word-start marker
         task = TaskConfig(name="audio_finetuning", labels=["wrd" if pieces else "ltr"], sample_rate=sample_rate,
-                          normalize=normalize, vocab=list(vocab))
+                          normalize=normalize, vocab=list(vocab), vocab_specials=list(vocab_specials),
+                          vocab_blank_id=int(vocab_blank_id))
     elif model_cfg.name == "hubert":
         task = TaskConfig(name="hubert_pretraining", labels=["km"], sample_rate=sample_rate, normalize=normalize,
                           label_rate=label_rate)

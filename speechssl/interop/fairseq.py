@@ -25,6 +25,16 @@ Parameter names (``N`` layer index; the rest of the names are speechssl's)::
     final_layer_norm}, quantizer.{vars, weight_proj}, project_q, final_proj, label_embs_concat: same names
     w2v_encoder.w2v_model.<above>  (fine-tuned)          w2v_model.<above>
     w2v_encoder.proj.*  (fine-tuned)                     proj.*
+
+``post_extract_proj`` exists only when the last conv layer's channel count differs from
+``encoder_embed_dim`` (fairseq builds it only then; so does speechssl).
+
+HuBERT label embeddings: fairseq's ``Dictionary.load`` of ``dict.km.txt`` prepends ``<s> <pad> </s>
+<unk>``, so a fairseq HuBERT with K clusters has ``label_embs_concat`` of ``4 + K`` rows and its softmax
+has ``4 + K`` candidates (the four specials are never targets). speechssl's label set is the K clusters
+alone (class ``k`` = fairseq row ``4 + k``, the ``k``-th line of ``dict.km.txt``), and its softmax has K
+candidates, as torchaudio's. :func:`label_embs_from_fairseq` (import) drops the four rows,
+:func:`label_embs_to_fairseq` (:func:`fairseq_state_dict`) puts four zero rows back in front.
 """
 
 from __future__ import annotations
@@ -105,6 +115,58 @@ def convert_upstream_state_dict(state_dict: Mapping[str, Tensor], source: str = 
     return out
 
 
+# fairseq's Dictionary specials <s> <pad> </s> <unk>, the first rows of every HuBERT label set
+FAIRSEQ_DICT_SPECIALS = 4
+
+
+def label_embs_from_fairseq(emb: Tensor, source: str = "checkpoint") -> Tensor:
+    """fairseq's ``(4 + K, F)`` label embeddings of one label set -> speechssl's ``(K, F)`` (rows ``4..``)."""
+    if emb.dim() != 2 or emb.shape[0] <= FAIRSEQ_DICT_SPECIALS:
+        raise InteropError(f"{source}: label_embs_concat has shape {tuple(emb.shape)}; a fairseq HuBERT has "
+                           f"{FAIRSEQ_DICT_SPECIALS} dictionary specials (<s> <pad> </s> <unk>) plus one row per "
+                           "cluster")
+    return emb[FAIRSEQ_DICT_SPECIALS:]
+
+
+def label_embs_to_fairseq(emb: Tensor, num_classes: list[int]) -> Tensor:
+    """speechssl's ``(sum K_i, F)`` label embeddings -> fairseq's ``(sum (4 + K_i), F)``: per label set, four
+    zero rows for the dictionary specials (never targets), then the set's K_i rows."""
+    if emb.shape[0] != sum(num_classes):
+        raise InteropError(f"label_embs_concat has {emb.shape[0]} rows, model.num_classes={num_classes}")
+    parts = []
+    for rows in emb.split(list(num_classes)):
+        parts += [emb.new_zeros(FAIRSEQ_DICT_SPECIALS, emb.shape[1]), rows]
+    return torch.cat(parts)
+
+
+def fairseq_state_dict(state_dict: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """speechssl Wav2Vec2Model / HubertModel weights -> fairseq's names and layout (the inverse of
+    :func:`convert_upstream_state_dict`): q/k/v split, weight norm as ``weight_g`` / ``weight_v``, HuBERT
+    label embeddings with fairseq's four dictionary rows per label set."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.qkv_proj\.(weight|bias)", key)
+        if m:
+            for part, chunk in zip("qkv", value.chunk(3)):
+                out[f"encoder.layers.{m.group(1)}.self_attn.{part}_proj.{m.group(2)}"] = chunk.clone()
+            continue
+        m = re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.(conv|norm)\.(weight|bias)", key)
+        if m:
+            i, kind, part = m.groups()
+            inner = "0" if kind == "conv" else ("2.1" if cfg.extractor_mode == "layer_norm" else "2")
+            out[f"feature_extractor.conv_layers.{i}.{inner}.{part}"] = value
+            continue
+        name = (key.replace("feature_projection.layer_norm.", "layer_norm.")
+                .replace("feature_projection.projection.", "post_extract_proj.")
+                .replace("encoder.pos_conv.conv.parametrizations.weight.original0", "encoder.pos_conv.0.weight_g")
+                .replace("encoder.pos_conv.conv.parametrizations.weight.original1", "encoder.pos_conv.0.weight_v")
+                .replace("encoder.pos_conv.conv.bias", "encoder.pos_conv.0.bias"))
+        out[name] = value
+    if "label_embs_concat" in out:
+        out["label_embs_concat"] = label_embs_to_fairseq(out["label_embs_concat"], list(cfg.num_classes))
+    return out
+
+
 def model_config_from_fairseq(section: Mapping[str, Any], name: str, source: str = "checkpoint") -> ModelConfig:
     """A fairseq model config section (``cfg.model`` or the ``args`` dict) -> :class:`ModelConfig`."""
     for key, default in UNSUPPORTED.items():
@@ -182,7 +244,8 @@ def import_fairseq(path: str | Path, dictionary: Optional[str | Path] = None):
 
 
 def _hubert_classes(cfg: ModelConfig, state: dict[str, Tensor], task: Mapping[str, Any], source: str) -> ModelConfig:
-    """fairseq stores no dictionary: the class count is the label embedding's rows (one label set)."""
+    """fairseq stores no dictionary: the class count is the label embedding's rows less fairseq's four
+    dictionary specials (one label set); their rows are dropped from ``state`` (module docstring)."""
     labels = task.get("labels") or ["km"]
     emb = state.get("label_embs_concat")
     if emb is None:
@@ -190,8 +253,9 @@ def _hubert_classes(cfg: ModelConfig, state: dict[str, Tensor], task: Mapping[st
     if len(labels) != 1:
         raise InteropError(f"{source}: {len(labels)} label sets share label_embs_concat; speechssl cannot tell "
                            "their sizes apart (import single-label HuBERT checkpoints)")
+    state["label_embs_concat"] = label_embs_from_fairseq(emb, source)
     label_rate = float(task.get("label_rate", -1.0) or -1.0)
-    return dataclasses.replace(cfg, num_classes=[int(emb.shape[0])], label_rate=label_rate)
+    return dataclasses.replace(cfg, num_classes=[int(state["label_embs_concat"].shape[0])], label_rate=label_rate)
 
 
 def _import_ctc(weights: dict[str, Tensor], model_section: Mapping[str, Any], task_section: Mapping[str, Any],
@@ -231,7 +295,13 @@ def _import_ctc(weights: dict[str, Tensor], model_section: Mapping[str, Any], ta
     if state["proj.weight"].shape[0] != len(vocab):
         raise InteropError(f"{source}: the output layer has {state['proj.weight'].shape[0]} symbols but "
                            f"{dictionary} gives {len(vocab)} (with fairseq's 4 special symbols); wrong dictionary?")
+    # fairseq asserts that fine-tuning normalised as pretraining did; a checkpoint where they differ is refused
+    upstream_norm = bool(inner_task.get("normalize", inner_model.get("normalize", False)))
+    normalize = bool(task_section.get("normalize", upstream_norm))
+    if normalize != upstream_norm:
+        raise InteropError(f"{source}: task.normalize={str(normalize).lower()} but its upstream (w2v_args) was "
+                           f"pretrained with normalize={str(upstream_norm).lower()}; fairseq itself refuses such a "
+                           "model, so speechssl does not guess which one its weights expect")
     config = imported_config(cfg, sample_rate=int(inner_task.get("sample_rate", 16000) or 16000),
-                             normalize=bool(task_section.get("normalize", inner_task.get("normalize", False))),
-                             vocab=vocab)
+                             normalize=normalize, vocab=vocab)
     return state, config, num_updates

@@ -9,10 +9,19 @@ Export writes ``config.json`` + ``model.safetensors`` that transformers loads wi
                                 ``Wav2Vec2Processor.from_pretrained(DIR)`` decodes the model's output
 
 Parameter names: :mod:`speechssl.interop.names` (and :mod:`speechssl.models.weights` for the other
-way). CTC vocabularies are fairseq's (``<s> <pad> </s> <unk> ...``, blank = index 0); transformers' CTC
-tokenizer treats its pad token as the blank, so the first two names are swapped in ``vocab.json``
-(index 0 ``<pad>``, index 1 ``<s>``), exactly as the converted fairseq models on the Hub have them;
-import swaps them back.
+way).
+
+CTC vocabularies. speechssl's own are fairseq's (``<s> <pad> </s> <unk> ...``, blank = index 0);
+transformers' CTC blank is its tokenizer's pad token (``pad_token_id``), so the first two names are
+swapped in ``vocab.json`` (index 0 ``<pad>``, index 1 ``<s>``), exactly as the converted fairseq models on
+the Hub have them; import swaps them back. Any other layout, e.g. transformers' fine-tuning tutorial
+(letters, ``|``, ``[UNK]``, ``[PAD]`` = blank, then the added ``<s>`` ``</s>``), is imported as it is:
+the output rows are reordered so that the blank comes first and the others keep their order, the token
+strings are kept, the tokenizer's ``[pad, unk, bos, eos]`` go to ``task.vocab_specials`` (decoding drops
+them) and the blank's id to ``task.vocab_blank_id``; export writes the original ids and row order back.
+The token table is ``vocab.json`` plus the tokenizer's added tokens (``added_tokens.json``,
+``tokenizer_config.json``'s ``added_tokens_decoder``); ids at or past the output layer's size are not
+outputs and are left out.
 """
 
 from __future__ import annotations
@@ -45,7 +54,10 @@ def hf_config(loaded: Loaded) -> dict[str, Any]:
         kwargs.update(feat_proj_layer_norm=True, conv_pos_batch_norm=False)
     if loaded.is_ctc:
         arch = "HubertForCTC" if hubert else "Wav2Vec2ForCTC"
-        kwargs.update(vocab_size=len(loaded.vocab), pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        layout = hf_vocab_layout(loaded)
+        ids = {name: i for i, name in enumerate(layout.names)}
+        kwargs.update(vocab_size=len(layout.names), pad_token_id=ids[layout.pad],
+                      bos_token_id=ids.get(layout.bos, 1), eos_token_id=ids.get(layout.eos, 2),
                       ctc_loss_reduction="sum", ctc_zero_infinity=True, final_dropout=cfg.final_dropout)
     elif hubert:
         arch = "HubertModel"
@@ -70,20 +82,48 @@ def hf_state_dict(loaded: Loaded) -> tuple[dict[str, Tensor], list[str]]:
         if arch == "Wav2Vec2ForPreTraining":
             out.update({PRETRAINING_HEADS[k]: v for k, v in heads.items()})
         if loaded.is_ctc:
+            rows = torch.tensor(hf_vocab_layout(loaded).rows)  # output row of each transformers id
             proj = loaded.model.proj
-            out["lm_head.weight"], out["lm_head.bias"] = proj.weight.detach(), proj.bias.detach()
+            out["lm_head.weight"], out["lm_head.bias"] = proj.weight.detach()[rows], proj.bias.detach()[rows]
     return {k: v.detach().contiguous().clone() for k, v in out.items()}, unmapped
 
 
-def _tokenizer_files(loaded: Loaded) -> dict[str, Any]:
+@dataclasses.dataclass
+class HfVocabLayout:
+    """A CTC vocabulary as transformers holds it: ``names[i]`` is the token of id ``i``, ``rows[i]`` the
+    speechssl output row of id ``i``; ``pad`` (= the CTC blank), ``unk``, ``bos``, ``eos`` the tokenizer's."""
+
+    names: list[str]
+    rows: list[int]
+    pad: str
+    unk: str
+    bos: str
+    eos: str
+
+
+def hf_vocab_layout(loaded: Loaded) -> HfVocabLayout:
+    """The transformers layout of ``loaded``'s vocabulary (see the module docstring)."""
+    task = loaded.cfg.task
     vocab = loaded.vocab
-    if tuple(vocab[:4]) != SPECIALS:
-        raise InteropError(f"CTC vocabulary must start with {SPECIALS}, got {vocab[:4]}")
-    names = ["<pad>", "<s>"] + list(vocab[2:])  # transformers' CTC blank is its pad token
+    if not task.vocab_specials:  # fairseq's order: the blank <s> and <pad> swap names
+        if tuple(vocab[:4]) != SPECIALS:
+            raise InteropError(f"CTC vocabulary must start with {SPECIALS}, got {vocab[:4]}")
+        names = ["<pad>", "<s>"] + list(vocab[2:])
+        return HfVocabLayout(names, list(range(len(vocab))), "<pad>", "<unk>", "<s>", "</s>")
+    blank = task.vocab_blank_id
+    if not 0 <= blank < len(vocab):
+        raise InteropError(f"task.vocab_blank_id={blank} is outside the vocabulary of {len(vocab)} symbols")
+    rows = list(range(1, blank + 1)) + [0] + list(range(blank + 1, len(vocab)))  # undo the blank-first order
+    pad, unk, bos, eos = task.vocab_specials
+    return HfVocabLayout([vocab[r] for r in rows], rows, pad, unk, bos, eos)
+
+
+def _tokenizer_files(loaded: Loaded) -> dict[str, Any]:
+    layout = hf_vocab_layout(loaded)
     letters = loaded.cfg.task.labels[:1] != ["wrd"]
-    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    specials = {"bos_token": layout.bos, "eos_token": layout.eos, "unk_token": layout.unk, "pad_token": layout.pad}
     return {
-        "vocab.json": {name: i for i, name in enumerate(names)},
+        "vocab.json": {name: i for i, name in enumerate(layout.names)},
         "tokenizer_config.json": {"tokenizer_class": "Wav2Vec2CTCTokenizer", **specials,
                                   "word_delimiter_token": "|" if letters else "\u2581", "do_lower_case": False,
                                   "replace_word_delimiter_char": " "},
@@ -155,30 +195,91 @@ def _model_config(raw: dict[str, Any], folder: Path) -> ModelConfig:
         d = hf.to_dict()
         d.update(proj_codevector_dim=256, num_codevectors_per_group=320, num_codevector_groups=2, codevector_dim=256,
                  num_negatives=100, contrastive_logits_temperature=0.1, feat_quantizer_dropout=0.0)
+        # transformers' frame padding rule (conv output length), so that the import computes what the source did
         return dataclasses.replace(config_from_transformers(d), name="hubert", quantize_targets=False, final_dim=256,
-                                   untie_final_proj=False)
+                                   untie_final_proj=False, frame_padding="conv_length")
     if getattr(hf, "adapter_attn_dim", None) or getattr(hf, "add_adapter", False):
         raise InteropError(f"{folder}: adapters are not supported")
     return config_from_transformers(hf)
 
 
-def _vocab(folder: Path, lm_rows: int, pad_id: int) -> list[str]:
+# Wav2Vec2CTCTokenizer's defaults for the tokens a tokenizer_config.json leaves out
+_TOKENIZER_DEFAULTS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
+                       "word_delimiter_token": "|"}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InteropError(f"{path}: not readable JSON ({exc})") from None
+
+
+def _token_table(folder: Path, lm_rows: int) -> list[str]:
+    """Token of every output id ``0 .. lm_rows - 1``: ``vocab.json`` plus the tokenizer's added tokens."""
     path = folder / "vocab.json"
     if not path.is_file():
         raise InteropError(f"{folder}: a CTC model needs its vocab.json (the tokenizer files)")
-    table = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(table, dict) and table and all(isinstance(v, dict) for v in table.values()):
+    table = _read_json(path)
+    if not isinstance(table, dict) or not table:
+        raise InteropError(f"{path}: expected a JSON object of token -> id")
+    if all(isinstance(v, dict) for v in table.values()):
         raise InteropError(f"{path}: per-language vocabularies are not supported")
-    names = [name for name, _ in sorted(table.items(), key=lambda kv: kv[1])]
-    if len(names) != lm_rows or sorted(table.values()) != list(range(lm_rows)):
-        raise InteropError(f"{path}: {len(names)} symbols for {lm_rows} output rows (ids must be 0..{lm_rows - 1})")
-    if pad_id != 0:
-        raise InteropError(f"{folder}: the CTC blank (pad_token_id) is {pad_id}; speechssl needs fairseq's layout "
-                           "with the blank at index 0")
-    names[0], names[1] = names[1], names[0]  # transformers' <pad> blank -> fairseq's <s>
-    if tuple(names[:4]) != SPECIALS:
-        raise InteropError(f"{path}: expected fairseq's special symbols <pad> <s> </s> <unk> first, got {names[:4]}")
+    entries = [(int(i), str(t), path.name) for t, i in table.items()]
+    added = folder / "added_tokens.json"
+    if added.is_file():
+        entries += [(int(i), str(t), added.name) for t, i in _read_json(added).items()]
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        decoder = _read_json(config).get("added_tokens_decoder") or {}
+        entries += [(int(i), str(v["content"] if isinstance(v, dict) else v), config.name) for i, v in decoder.items()]
+    by_id: dict[int, str] = {}
+    for i, token, where in entries:
+        if by_id.setdefault(i, token) != token:
+            raise InteropError(f"{folder}: id {i} is '{by_id[i]}' in one tokenizer file and '{token}' in {where}")
+    names = [by_id.get(i) for i in range(lm_rows)]  # ids >= lm_rows (e.g. added tokens) are no outputs
+    missing = [i for i, n in enumerate(names) if n is None]
+    if missing:
+        raise InteropError(f"{path}: no token for output ids {missing[:8]} of the {lm_rows} output rows (vocab.json "
+                           "and the added tokens must cover 0..vocab_size-1)")
+    if len(set(names)) != len(names):
+        raise InteropError(f"{path}: a token has two ids")
     return names
+
+
+def _tokenizer_tokens(folder: Path) -> dict[str, str]:
+    """pad / unk / bos / eos / word delimiter of the folder's tokenizer (Wav2Vec2CTCTokenizer's defaults)."""
+    found: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+        if (folder / name).is_file():
+            found.update({k: v for k, v in _read_json(folder / name).items() if k in _TOKENIZER_DEFAULTS and v})
+    out = {}
+    for key, default in _TOKENIZER_DEFAULTS.items():
+        value = found.get(key, default)
+        out[key] = str(value["content"] if isinstance(value, dict) else value)  # AddedToken dicts: their text
+    return out
+
+
+def _vocab(folder: Path, lm_rows: int, pad_id: int) -> tuple[list[str], list[int], list[str]]:
+    """``(symbols in speechssl's order, the output row of each, vocab_specials)``: fairseq's layout as it is
+    (the blank <pad> renamed <s>, specials empty), any other with the blank moved first (module docstring)."""
+    names = _token_table(folder, lm_rows)
+    if not 0 <= pad_id < lm_rows:
+        raise InteropError(f"{folder}/config.json: pad_token_id (the CTC blank) {pad_id} is not an output id "
+                           f"(vocab_size {lm_rows})")
+    tokens = _tokenizer_tokens(folder)
+    if names[pad_id] != tokens["pad_token"]:
+        raise InteropError(f"{folder}: the CTC blank, config.json's pad_token_id {pad_id}, is '{names[pad_id]}' but "
+                           f"the tokenizer's pad token is '{tokens['pad_token']}'; they must be the same token")
+    if pad_id == 0 and tuple(names[:4]) == ("<pad>", "<s>", "</s>", "<unk>"):  # fairseq's, as speechssl exports
+        return ["<s>", "<pad>"] + names[2:], list(range(lm_rows)), []
+    pieces = any(n.startswith("\u2581") for n in names)
+    if not pieces and tokens["word_delimiter_token"] != "|":
+        raise InteropError(f"{folder}: word_delimiter_token '{tokens['word_delimiter_token']}'; speechssl decodes "
+                           "letter vocabularies with '|' between words")
+    rows = [pad_id] + [i for i in range(lm_rows) if i != pad_id]
+    specials = [tokens[k] for k in ("pad_token", "unk_token", "bos_token", "eos_token")]
+    return [names[i] for i in rows], rows, specials
 
 
 def import_hf(folder: str | Path):
@@ -203,12 +304,14 @@ def import_hf(folder: str | Path):
     fresh = build_model(model_cfg).state_dict()
     notes = sorted(k for k in fresh if k not in state)
     state = {**{k: fresh[k] for k in notes}, **state}
-    vocab = None
+    vocab, specials, pad_id = None, [], 0
     if lm:
-        vocab = _vocab(folder, lm["lm_head.weight"].shape[0], int(raw.get("pad_token_id", 0) or 0))
+        pad_id = int(raw.get("pad_token_id", 0) or 0)
+        vocab, rows, specials = _vocab(folder, lm["lm_head.weight"].shape[0], pad_id)
         drop = ("quantizer.", "project_q.", "final_proj.", "label_embs_concat")
         state = {f"w2v_model.{k}": v for k, v in state.items() if not k.startswith(drop)}
-        state["proj.weight"], state["proj.bias"] = lm["lm_head.weight"], lm["lm_head.bias"]
+        index = torch.tensor(rows)  # blank first: speechssl's CTC layout
+        state["proj.weight"], state["proj.bias"] = lm["lm_head.weight"][index], lm["lm_head.bias"][index]
         notes = [n for n in notes if not n.startswith(drop)]
         model_cfg = dataclasses.replace(model_cfg, quantize_targets=False,
                                         final_dropout=float(raw.get("final_dropout", 0.0) or 0.0))
@@ -217,6 +320,7 @@ def import_hf(folder: str | Path):
     if pp.is_file():
         pre = json.loads(pp.read_text(encoding="utf-8"))
     config = imported_config(model_cfg, sample_rate=int(pre.get("sampling_rate", 16000)),
-                             normalize=bool(pre.get("do_normalize", False)), vocab=vocab)
+                             normalize=bool(pre.get("do_normalize", False)), vocab=vocab, vocab_specials=specials,
+                             vocab_blank_id=pad_id if specials else 0)
     return state, config, notes
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
+import torch
 from torch import Tensor
 
 _ENCODER_LAYER = r"encoder\.layers\.(\d+)\."
@@ -54,6 +55,8 @@ def upstream_to_reference(state_dict: Mapping[str, Tensor], flavor: str) -> tupl
 
     The fused ``qkv_proj`` is split into ``q_proj``/``k_proj``/``v_proj``. Returns ``(weights,
     unmapped speechssl keys)``: the pretraining heads and, for torchaudio, ``mask_emb`` are unmapped.
+    A model without feature projection (conv channels == ``encoder_embed_dim``, as fairseq) gets an
+    identity one (weight ``I``, bias 0): both toolkits always apply a Linear there.
     """
     if flavor not in ("transformers", "torchaudio"):
         raise ValueError(f"flavor must be 'transformers' or 'torchaudio', got {flavor!r}")
@@ -61,6 +64,11 @@ def upstream_to_reference(state_dict: Mapping[str, Tensor], flavor: str) -> tupl
     layers = "encoder.layers" if flavor == "transformers" else "encoder.transformer.layers"
     out: dict[str, Tensor] = {}
     unmapped = []
+    norm = state_dict.get("feature_projection.layer_norm.weight")
+    if norm is not None and "feature_projection.projection.weight" not in state_dict:
+        prefix = ("" if flavor == "transformers" else "encoder.") + "feature_projection.projection"
+        out[f"{prefix}.weight"] = torch.eye(norm.shape[0], dtype=norm.dtype)
+        out[f"{prefix}.bias"] = torch.zeros(norm.shape[0], dtype=norm.dtype)
     for key, value in state_dict.items():
         m = _QKV.fullmatch(key)
         if m:

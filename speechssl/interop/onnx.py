@@ -13,6 +13,8 @@ layer runs), no time/channel masking. Inputs and outputs::
     frame_lengths int64 (batch,)         valid frames of each row
     logits   float32 (batch, frames, V)  CTC models only: output-layer scores (blank = index 0)
 
+``frame_lengths`` follow the model's frame padding rule (``model.frame_padding``: fairseq's
+``all_samples`` for HuBERT, the conv output length for wav2vec 2.0).
 ``task.normalize`` models (wav2vec 2.0 LARGE-LV60) normalise each row over its valid samples inside
 the graph. The folder also gets ``config.json`` (inputs, outputs, sample rate, vocabulary).
 """
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechssl.interop.common import InteropError, Loaded, export_dir
+from speechssl.models.wav2vec2 import frame_padding_rule
 
 
 class InferenceGraph(nn.Module):
@@ -44,6 +47,7 @@ class InferenceGraph(nn.Module):
         self.proj = proj
         self.normalize = normalize
         self.spec = list(upstream.feature_extractor.spec)
+        self.all_samples = frame_padding_rule(upstream.cfg) == "all_samples"
 
     def _normalize(self, source: Tensor, valid: Tensor, lengths: Tensor) -> Tensor:
         n = lengths.to(source.dtype)[:, None]
@@ -68,14 +72,20 @@ class InferenceGraph(nn.Module):
         if self.normalize:
             source = self._normalize(source, valid, lengths)
         features = self._conv_features(source)
-        frames = lengths
-        for _, kernel, stride in self.spec:
-            frames = torch.div(frames - kernel, stride, rounding_mode="floor") + 1
-        frames = frames.clamp(min=0)
         L = features.shape[1]
+        if self.all_samples:  # HuBERT (fairseq): a frame is padding iff all of its T // L samples are
+            window = T // L
+            frames = torch.div(lengths + window - 1, window, rounding_mode="floor").clamp(max=L)
+        else:  # conv output length of the valid samples
+            frames = lengths
+            for _, kernel, stride in self.spec:
+                frames = torch.div(frames - kernel, stride, rounding_mode="floor") + 1
+            frames = frames.clamp(min=0)
         pad = torch.arange(L, device=source.device)[None, :] >= frames[:, None]  # (B, L) True = padded
         proj = self.upstream.feature_projection
-        x = proj.projection(proj.layer_norm(features))
+        x = proj.layer_norm(features)
+        if proj.projection is not None:
+            x = proj.projection(x)
         enc = self.upstream.encoder
         x = x.masked_fill(pad.unsqueeze(-1), 0.0)
         x = x + enc.pos_conv(x)

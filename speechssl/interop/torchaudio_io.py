@@ -46,7 +46,10 @@ def torchaudio_export(loaded: Loaded) -> tuple[dict[str, Any], dict[str, Tensor]
     if loaded.is_ctc:
         kwargs["aux_num_out"] = len(loaded.vocab)
         weights["aux.weight"], weights["aux.bias"] = loaded.model.proj.weight, loaded.model.proj.bias
-        meta["labels"] = loaded.vocab
+        meta["labels"] = loaded.vocab  # blank first
+        if loaded.cfg.task.vocab_specials:  # a vocabulary imported from transformers, in its tokenizer's layout
+            meta["vocab_specials"] = list(loaded.cfg.task.vocab_specials)
+            meta["vocab_blank_id"] = loaded.cfg.task.vocab_blank_id
     meta["kwargs"] = kwargs
     return meta, {k: v.detach().contiguous().clone() for k, v in weights.items()}, unmapped
 
@@ -78,6 +81,8 @@ def config_from_torchaudio(kwargs: dict[str, Any], name: str) -> ModelConfig:
         layer_norm_first=bool(kwargs["encoder_layer_norm_first"]),
         encoder_layerdrop=float(kwargs["encoder_layer_drop"]),
         quantize_targets=name == "wav2vec2", feature_grad_mult=1.0,
+        # torchaudio's frame padding rule (conv output length), also for HuBERT (fairseq's HuBERT: all_samples)
+        frame_padding="auto" if name == "wav2vec2" else "conv_length",
     )
 
 
@@ -102,7 +107,10 @@ def import_torchaudio(folder: str | Path):
         raise InteropError(f"{meta_path}: kwargs lack {exc}") from None
     weights = torch.load(weights_path, map_location="cpu", weights_only=True)
     aux = {k: weights.pop(k) for k in ("aux.weight", "aux.bias") if k in weights}
-    state = convert_reference_state_dict(weights)
+    try:
+        state = convert_reference_state_dict(weights)
+    except ValueError as exc:
+        raise InteropError(f"{weights_path}: {exc}") from None
     fresh = build_model(model_cfg).state_dict()
     notes = sorted(k for k in fresh if k not in state)
     state = {**{k: fresh[k] for k in notes}, **state}
@@ -117,5 +125,7 @@ def import_torchaudio(folder: str | Path):
         notes = [n for n in notes if not n.startswith(drop)]
         model_cfg = dataclasses.replace(model_cfg, quantize_targets=False)
     config = imported_config(model_cfg, sample_rate=int(meta.get("sample_rate", 16000)),
-                             normalize=bool(meta.get("normalize", False)), vocab=vocab if aux else None)
+                             normalize=bool(meta.get("normalize", False)), vocab=vocab if aux else None,
+                             vocab_specials=meta.get("vocab_specials") or [],
+                             vocab_blank_id=int(meta.get("vocab_blank_id", 0)))
     return state, config, notes

@@ -336,17 +336,21 @@ class FeatureProjection(nn.Module):
 
     Returns the projected features and the normalised (unprojected) features, which wav2vec 2.0
     quantizes into targets. fairseq names: ``layer_norm``, ``post_extract_proj``, ``dropout_input``.
+    As fairseq, the Linear exists only when ``C != D`` (``projection`` is None otherwise: the normalised
+    features go to the encoder as they are); torchaudio and transformers always have one (an identity
+    on export, see :func:`speechssl.interop.names.upstream_to_reference`).
     """
 
     def __init__(self, in_dim: int, out_dim: int, dropout: float):
         super().__init__()
         self.layer_norm = nn.LayerNorm(in_dim)
-        self.projection = nn.Linear(in_dim, out_dim)
+        self.projection: Optional[nn.Linear] = nn.Linear(in_dim, out_dim) if in_dim != out_dim else None
         self.dropout = Dropout(dropout)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         normed = self.layer_norm(features)
-        return self.dropout(self.projection(normed)), normed
+        x = normed if self.projection is None else self.projection(normed)
+        return self.dropout(x), normed
 
 
 # --------------------------------------------------------------------------------------------------

@@ -88,18 +88,25 @@ class Wav2VecCtc(nn.Module):
         return {"logits": logits, "padding_mask": frame_pad, "lengths": lengths}
 
 
-def resolve_finetune_config(cfg: ModelConfig) -> ModelConfig:
+def resolve_finetune_config(cfg: ModelConfig, task_normalize: Optional[bool] = None) -> ModelConfig:
     """The model config a fine-tuning run trains: with ``w2v_path``, the pretrained checkpoint's
-    architecture plus the recipe's :data:`FINETUNE_FIELDS`; without, ``cfg`` itself (from scratch)."""
+    architecture plus the recipe's :data:`FINETUNE_FIELDS`; without, ``cfg`` itself (from scratch).
+
+    ``task_normalize``: the run's ``task.normalize``, checked against the upstream's (fairseq's rule, see
+    :func:`~speechssl.models.pretrained.check_normalize`); None skips the check (no upstream weights used).
+    """
     if not cfg.w2v_path:
         return dataclasses.replace(cfg)
-    from speechssl.models.pretrained import read_model_config
+    from speechssl.models.pretrained import check_normalize, read_model_config, read_task_normalize
     from speechssl.train.checkpoint import load_checkpoint
 
     path = Path(cfg.w2v_path)
     if not path.is_file():
         raise ConfigError(f"model.w2v_path={cfg.w2v_path}: file not found (a checkpoint of 'speechssl pretrain')")
-    upstream = read_model_config(load_checkpoint(path), path)
+    state = load_checkpoint(path)
+    upstream = read_model_config(state, path)
+    if task_normalize is not None:
+        check_normalize(task_normalize, read_task_normalize(state), f"model.w2v_path={path}")
     return dataclasses.replace(upstream, **{k: getattr(cfg, k) for k in FINETUNE_FIELDS})
 
 

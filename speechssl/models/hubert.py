@@ -22,6 +22,10 @@ column set to -inf, i.e. the same cross-entropy as plain class logits ``(frames,
 target. This module returns the class logits (``logit_m_list[i][n, k] = cos(p_n, e_k) / logit_temp``),
 which are what the loss and accuracy need; the conversion is one gather (see the parity tests).
 
+Padding (fairseq's ``forward_padding_mask``, ``model.frame_padding: auto``): a frame is padded only when all
+of its samples are, on the frames left after the alignment below; see
+:meth:`~speechssl.models.wav2vec2.Wav2Vec2Model.frame_padding_mask` for the rule torchaudio / transformers use.
+
 Frame alignment (fairseq's ``forward_targets``): with ``r = label_rate * downsampling / sample_rate``
 labels per frame (2 for 100 Hz MFCC labels, 1 for 50 Hz layer labels, for 20 ms frames), frames are cut
 to ``min(L, int(label_len / r))`` when the labels are too short, and frame ``t`` takes label
@@ -57,7 +61,8 @@ class HubertModel(nn.Module):
         sample_rate: audio sample rate, for the label-to-frame ratio (16 kHz for every published model).
     """
 
-    # the very same code as wav2vec 2.0 (it only uses cfg, feature_extractor and mask_emb)
+    # the very same code as wav2vec 2.0 (it only uses cfg, feature_extractor and mask_emb); the frame
+    # padding rule follows model.frame_padding, fairseq's all_samples for HuBERT unless set
     frame_padding_mask = Wav2Vec2Model.frame_padding_mask
     feature_penalty = Wav2Vec2Model.feature_penalty
     extract_conv_features = Wav2Vec2Model.extract_conv_features

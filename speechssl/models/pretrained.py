@@ -59,6 +59,23 @@ def read_model_config(state: dict[str, Any], path: Path) -> ModelConfig:
         raise ConfigError(f"{path}: its stored config does not load with this speechssl version ({exc})") from None
 
 
+def read_task_normalize(state: dict[str, Any]) -> bool:
+    """The ``task.normalize`` a checkpoint's model was trained with (False when its config has none)."""
+    task = state.get("config", {}).get("task") or {}
+    return bool(task.get("normalize", False))
+
+
+def check_normalize(task_normalize: bool, upstream_normalize: bool, upstream: str | Path) -> None:
+    """Fine-tuning must normalise its input as the upstream's pretraining did; fairseq's Wav2VecEncoder /
+    HubertEncoder assert the same. A mismatch is a ConfigError naming both values and the fix."""
+    if task_normalize != upstream_normalize:
+        want = str(upstream_normalize).lower()
+        raise ConfigError(
+            f"task.normalize={str(task_normalize).lower()}, but the upstream {upstream} was pretrained with "
+            f"task.normalize={want}: its input must be normalised as in pretraining (fairseq refuses this too); "
+            f"set task.normalize={want} (e.g. on the command line)")
+
+
 def apply_overrides(cfg: ModelConfig, overrides: Optional[dict[str, Any]], source: str = "overrides") -> ModelConfig:
     """A copy of ``cfg`` with ``overrides`` (ModelConfig field -> value) applied; unknown fields are an error."""
     if not overrides:

@@ -38,7 +38,21 @@ _UNSUPPORTED = {
 }
 
 
+FRAME_PADDING_RULES = ("auto", "all_samples", "conv_length")
+
+
+def frame_padding_rule(cfg: ModelConfig) -> str:
+    """``model.frame_padding`` with ``auto`` resolved to fairseq's rule for the model: ``all_samples``
+    (``HubertModel.forward_padding_mask``) for HuBERT, ``conv_length`` (``Wav2Vec2Model.forward``) else."""
+    if cfg.frame_padding != "auto":
+        return cfg.frame_padding
+    return "all_samples" if cfg.name == "hubert" else "conv_length"
+
+
 def _check_config(cfg: ModelConfig) -> None:
+    if cfg.frame_padding not in FRAME_PADDING_RULES:
+        raise ValueError(f"model.frame_padding must be one of {', '.join(FRAME_PADDING_RULES)}, "
+                         f"got '{cfg.frame_padding}'")
     for key, default in _UNSUPPORTED.items():
         if getattr(cfg, key) != default:
             raise ValueError(f"model.{key}={getattr(cfg, key)!r} is not supported by speechssl's wav2vec 2.0; "
@@ -91,9 +105,21 @@ class Wav2Vec2Model(nn.Module):
 
     def frame_padding_mask(self, padding_mask: Optional[Tensor], num_frames: int) -> Optional[Tensor]:
         """Sample-level ``(B, T)`` padding mask (True = padded) -> frame-level ``(B, L)``, or None if nothing
-        is padded. A frame is valid iff it lies within the conv output length of the valid samples."""
+        is padded. Two rules (``model.frame_padding``, see :func:`frame_padding_rule`):
+
+        * ``conv_length`` (wav2vec 2.0; torchaudio, transformers): a frame is valid iff it lies within the
+          conv output length of the valid samples;
+        * ``all_samples`` (fairseq's HuBERT): the mask, cut to a multiple of ``L`` samples, is viewed as
+          ``(B, L, T // L)``; a frame is padded iff all of its samples are. For right padding this gives
+          ``min(L, ceil(n / (T // L)))`` valid frames for ``n`` valid samples, usually one more than the
+          conv rule (BASE: 16,000 of 32,000 samples -> 50 valid frames, conv rule 49).
+        """
         if padding_mask is None or not bool(padding_mask.any()):
             return None
+        if frame_padding_rule(self.cfg) == "all_samples":
+            B, T = padding_mask.shape
+            window = T // num_frames
+            return padding_mask[:, : window * num_frames].reshape(B, num_frames, window).all(dim=-1)
         lengths = self.feature_extractor.output_lengths((~padding_mask).sum(dim=1))
         return torch.arange(num_frames, device=padding_mask.device)[None, :] >= lengths[:, None]
 

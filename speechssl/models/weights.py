@@ -8,7 +8,7 @@ for prefixes: TA's encoder sits under ``encoder.transformer.`` (its feature proj
     feature_extractor.conv_layers.N.conv        feature_extractor.conv_layers.N.conv          ...conv_layers.N.0
     feature_extractor.conv_layers.N.norm        feature_extractor.conv_layers.N.layer_norm    ...N.2 (GN) / N.2.1 (LN)
     feature_projection.layer_norm               feature_projection.layer_norm                 layer_norm
-    feature_projection.projection               feature_projection.projection                 post_extract_proj
+    feature_projection.projection (C != D)      feature_projection.projection (always)        post_extract_proj (C != D)
     mask_emb                                    masked_spec_embed (HF)                        mask_emb
     encoder.pos_conv.conv.bias                  encoder.pos_conv_embed.conv.bias              encoder.pos_conv.0.bias
     encoder.pos_conv.conv.parametrizations.weight.original0 / .original1  (weight-norm g / v): TA / HF
@@ -40,7 +40,22 @@ and adds::
 
 fairseq's label embeddings have one row per entry of its ``Dictionary`` of ``dict.km.txt``, which
 starts with the four specials ``<s> <pad> </s> <unk>``: its rows ``4 .. 4+K-1`` (per label set) are
-speechssl's rows ``0 .. K-1``. torchaudio has one label set and a single (tied) ``final_proj``.
+speechssl's rows ``0 .. K-1``, and speechssl's softmax runs over the K clusters only (fairseq's over all
+``4 + K`` rows, the specials never being targets). ``speechssl import --from fairseq`` drops the four rows,
+:func:`speechssl.interop.fairseq.fairseq_state_dict` writes four zero rows back. torchaudio has one label
+set of K rows (no specials) and a single (tied) ``final_proj``.
+
+Feature projection: fairseq (and speechssl) build ``post_extract_proj`` only when the last conv layer's
+channels differ from ``encoder_embed_dim``; torchaudio and transformers always have the Linear. Export to
+them writes an identity when speechssl has none; import drops an identity and refuses a learned square one.
+
+Frame padding (``model.frame_padding``): a sample-level padding mask becomes a frame-level one by the conv
+output length of the valid samples in fairseq's wav2vec 2.0, torchaudio and transformers (wav2vec 2.0 and
+HuBERT alike), and by fairseq's ``HubertModel.forward_padding_mask`` in fairseq's HuBERT (a frame is padded
+only if all of its ``T // L`` samples are: usually one more valid frame per padded utterance, e.g. 50
+instead of 49 for 16,000 of 32,000 samples). speechssl follows fairseq per model (``auto``); imports from
+transformers and torchaudio set ``conv_length`` for HuBERT, so that they compute what the source did, and
+a HuBERT exported to them gets their rule (outputs differ only for padded utterances of a batch).
 """
 
 from __future__ import annotations
@@ -115,7 +130,23 @@ def convert_reference_state_dict(state_dict: Mapping[str, Tensor], strict: bool 
     if unmapped and strict:
         raise ValueError(f"{len(unmapped)} parameters have no speechssl counterpart: {unmapped[:8]}"
                          f"{' ...' if len(unmapped) > 8 else ''} (pass strict=False to drop them)")
+    _drop_identity_projection(out)
     return out
+
+
+def _drop_identity_projection(out: dict[str, Tensor]) -> None:
+    """A square feature projection (conv channels == encoder width): speechssl, as fairseq, has none.
+    torchaudio / transformers always have one, and an identity (what speechssl exports) is dropped; a
+    learned one cannot be represented and is an error."""
+    w, b = out.get("feature_projection.projection.weight"), out.get("feature_projection.projection.bias")
+    if w is None or w.shape[0] != w.shape[1]:
+        return
+    if not torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype)) or (b is not None and bool(b.any())):
+        raise ValueError(f"feature_projection.projection is a learned {w.shape[0]}x{w.shape[1]} Linear; speechssl "
+                         "(like fairseq) has no feature projection when the conv channels equal the encoder width, "
+                         "so this model cannot be converted")
+    out.pop("feature_projection.projection.weight")
+    out.pop("feature_projection.projection.bias", None)
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -216,7 +247,8 @@ def hubert_config_from_transformers(hf_config: Any, num_classes: list[int] | Non
 
     transformers' HuBERT has no pretraining head: ``num_classes`` / ``label_rate`` (and ``final_dim`` 256,
     untied projection, as HuBERT BASE) describe the head to add, if any; its gradient into the
-    extractor is unscaled (``feature_grad_mult`` 1.0).
+    extractor is unscaled (``feature_grad_mult`` 1.0); its frame padding is the conv-length rule
+    (``frame_padding: conv_length``; fairseq's HuBERT, speechssl's default, uses ``all_samples``).
     """
     from speechssl.models.hubert import hubert_base_config
 
@@ -228,7 +260,7 @@ def hubert_config_from_transformers(hf_config: Any, num_classes: list[int] | Non
         raise ValueError("HubertConfig.feat_proj_layer_norm=False (no LayerNorm before the feature projection) has "
                          "no speechssl counterpart")
     return dataclasses.replace(hubert_base_config(num_classes or [], label_rate),
-                               **_encoder_fields_from_transformers(hf_config))
+                               **_encoder_fields_from_transformers(hf_config), frame_padding="conv_length")
 
 
 def _has(cfg: Any, key: str) -> bool:

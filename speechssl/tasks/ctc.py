@@ -36,6 +36,10 @@ def build_vocabulary(cfg: Config) -> Vocabulary:
         raise ConfigError(f"task.labels={list(t.labels)}: CTC fine-tuning needs exactly one of [ltr] (letters with "
                           "dict.ltr.txt) or [wrd] (sentencepiece units, with task.spm_model)")
     label = t.labels[0]
+    if t.vocab_specials:
+        raise ConfigError("task.vocab_specials is set (a vocabulary imported from transformers); CTC fine-tuning "
+                          "trains fairseq-order vocabularies: fine-tune the imported model's upstream "
+                          "(model.w2v_path) with a new dict.ltr.txt instead")
     if t.vocab:
         return Vocabulary.for_labels(label, t.vocab, t.spm_model)
     if label == "ltr":
@@ -105,7 +109,7 @@ def build_ctc_finetuning(cfg: Config):
     vocab = build_vocabulary(cfg)
     # resolve the upstream's architecture into cfg.model: saved with every checkpoint
     pretrained = bool(cfg.model.w2v_path)
-    cfg.model = resolve_finetune_config(cfg.model)
+    cfg.model = resolve_finetune_config(cfg.model, cfg.task.normalize)  # refuses another normalisation
     model = build_ctc_model(cfg.model, len(vocab), load_upstream=pretrained)
     train = ctc_dataset(cfg, cfg.dataset.train_subset, vocab)
     valid = None if cfg.dataset.disable_validation else ctc_dataset(cfg, cfg.dataset.valid_subset, vocab)

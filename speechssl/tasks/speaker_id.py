@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -165,12 +165,13 @@ def make_closed_set_manifest(src_dir: str | Path, out_dir: str | Path, valid_fra
 # --------------------------------------------------------------------------------------------------
 
 
-def resolve_speaker_config(cfg: ModelConfig) -> ModelConfig:
+def resolve_speaker_config(cfg: ModelConfig, task_normalize: Optional[bool] = None) -> ModelConfig:
     """With ``w2v_path``: the checkpoint's architecture plus the recipe's fine-tuning and head settings;
-    without: ``cfg`` itself (a randomly initialised upstream of the recipe's architecture)."""
+    without: ``cfg`` itself (a randomly initialised upstream of the recipe's architecture).
+    ``task_normalize``: checked against the upstream's when its weights are used (as CTC fine-tuning)."""
     from speechssl.models.ctc import FINETUNE_FIELDS, resolve_finetune_config
 
-    resolved = resolve_finetune_config(cfg)
+    resolved = resolve_finetune_config(cfg, None if cfg.no_pretrained_weights else task_normalize)
     return dataclasses.replace(resolved, **{k: getattr(cfg, k) for k in FINETUNE_FIELDS + SPEAKER_FIELDS})
 
 
@@ -252,7 +253,7 @@ def build_speaker_id(cfg: Config):
         if data is not None:
             speaker_targets(data, index, dict_path)
     pretrained = bool(cfg.model.w2v_path) and not cfg.model.no_pretrained_weights
-    cfg.model = resolve_speaker_config(cfg.model)  # saved with every checkpoint
+    cfg.model = resolve_speaker_config(cfg.model, cfg.task.normalize)  # saved with every checkpoint
     model = build_speaker_model(cfg.model, speakers, load_upstream=pretrained)
     m = cfg.model
     if m.freeze_upstream:

@@ -10,6 +10,11 @@ target batches. Two kinds of symbols:
 
 Only the symbol list is needed to decode, and it is stored in a fine-tuned checkpoint
 (``config["task"]["vocab"]``); the sentencepiece model file is needed only to encode training targets.
+
+A vocabulary imported from a transformers CTC model keeps that tokenizer's token strings and specials
+(``task.vocab_specials``: its pad = blank, unk, bos and eos tokens, e.g. ``[PAD] [UNK] <s> </s>`` of
+transformers' fine-tuning tutorial): the blank is still index 0, the specials are whatever symbols the
+tokenizer names, and decoding drops them.
 """
 
 from __future__ import annotations
@@ -49,16 +54,25 @@ def read_dict_file(path: str | Path) -> list[str]:
 
 
 class Vocabulary:
-    """Symbols (specials first) and the conversions target line -> ids -> text.
+    """Symbols (blank first) and the conversions target line -> ids -> text.
 
     Args:
-        symbols: the full list, ``SPECIALS`` first (as stored in ``task.vocab``).
+        symbols: the full list (as stored in ``task.vocab``): ``SPECIALS`` first, or with ``specials`` the
+            blank first.
         kind: ``letter`` or ``sentencepiece``.
         spm_model: sentencepiece model file, needed by :meth:`encode` for the sentencepiece kind.
+        specials: a transformers tokenizer's ``[pad, unk, bos, eos]`` tokens (``task.vocab_specials``), pad
+            being the blank ``symbols[0]``; empty for fairseq's layout.
     """
 
-    def __init__(self, symbols: Sequence[str], kind: str, spm_model: Optional[str | Path] = None):
-        if tuple(symbols[: len(SPECIALS)]) != SPECIALS:
+    def __init__(self, symbols: Sequence[str], kind: str, spm_model: Optional[str | Path] = None,
+                 specials: Sequence[str] = ()):
+        if specials:
+            if len(specials) != 4 or not symbols or symbols[0] != specials[0]:
+                raise VocabError(f"task.vocab_specials must be a tokenizer's [pad, unk, bos, eos] with the pad token "
+                                 f"(the CTC blank) first in task.vocab; got {list(specials)}, "
+                                 f"task.vocab starting {list(symbols[:1])}")
+        elif tuple(symbols[: len(SPECIALS)]) != SPECIALS:
             raise VocabError(f"vocabulary must start with {', '.join(SPECIALS)}, got {list(symbols[:4])}")
         if kind not in KINDS.values():
             raise VocabError(f"unknown vocabulary kind '{kind}'; use {' or '.join(KINDS.values())}")
@@ -66,6 +80,9 @@ class Vocabulary:
         self.kind = kind
         self.index = {s: i for i, s in enumerate(self.symbols)}
         self.spm_model = spm_model
+        self.specials = list(specials) or list(SPECIALS)  # non-text symbols: never part of a transcript
+        self.unk = self.index.get(self.specials[1] if specials else SPECIALS[UNK])
+        self._text = [s not in self.specials for s in self.symbols]
         self._sp = None
 
     def __len__(self) -> int:
@@ -86,11 +103,17 @@ class Vocabulary:
         return cls(list(SPECIALS) + pieces, "sentencepiece", model_path)
 
     @classmethod
-    def for_labels(cls, label: str, symbols: Sequence[str], spm_model: Optional[str] = None) -> "Vocabulary":
+    def for_labels(cls, label: str, symbols: Sequence[str], spm_model: Optional[str] = None,
+                   specials: Sequence[str] = ()) -> "Vocabulary":
         """The vocabulary of label extension ``label`` (``ltr`` or ``wrd``) with stored ``symbols``."""
         if label not in KINDS:
             raise VocabError(f"task.labels=[{label}]: CTC fine-tuning reads ltr (letters) or wrd (sentencepiece)")
-        return cls(symbols, KINDS[label], spm_model)
+        return cls(symbols, KINDS[label], spm_model, specials)
+
+    @classmethod
+    def for_task(cls, task) -> "Vocabulary":
+        """The vocabulary stored in a CTC checkpoint's task section (``vocab``, ``vocab_specials``)."""
+        return cls.for_labels(task.labels[0], task.vocab, task.spm_model, task.vocab_specials)
 
     # -- conversions --------------------------------------------------------------------------------
     def encode(self, line: str) -> list[int]:
@@ -104,7 +127,10 @@ class Vocabulary:
                     raise VocabError("encoding words needs the sentencepiece model: set task.spm_model")
                 self._sp = load_spm(self.spm_model)
             units = self._sp.encode(line.strip(), out_type=str)
-        return [self.index.get(u, UNK) for u in units]
+        if self.unk is None and any(u not in self.index for u in units):
+            raise VocabError(f"symbols {sorted({u for u in units if u not in self.index})} are not in the vocabulary, "
+                             "which has no unknown token")
+        return [self.index.get(u, self.unk) for u in units]
 
     def unknown_symbols(self, line: str) -> list[str]:
         """Symbols of a ``.ltr`` line that are not in the vocabulary."""
@@ -112,7 +138,7 @@ class Vocabulary:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Symbol ids (already CTC-collapsed) -> text of space-separated words (specials dropped)."""
-        units = [self.symbols[i] for i in ids if i >= len(SPECIALS)]
+        units = [self.symbols[i] for i in ids if self._text[i]]
         text = "".join(units)
         text = text.replace(WORD_BOUNDARY if self.kind == "letter" else SPM_SPACE, " ")
         return " ".join(text.split())
