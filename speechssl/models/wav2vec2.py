@@ -43,10 +43,12 @@ FRAME_PADDING_RULES = ("auto", "all_samples", "conv_length")
 
 def frame_padding_rule(cfg: ModelConfig) -> str:
     """``model.frame_padding`` with ``auto`` resolved to fairseq's rule for the model: ``all_samples``
-    (``HubertModel.forward_padding_mask``) for HuBERT, ``conv_length`` (``Wav2Vec2Model.forward``) else."""
+    (``HubertModel.forward_padding_mask``) for HuBERT, ``conv_length`` (``Wav2Vec2Model.forward``) else;
+    always ``conv_length`` (the exact frame count) for the log-mel front-end, which fairseq's HuBERT
+    does not have."""
     if cfg.frame_padding != "auto":
         return cfg.frame_padding
-    return "all_samples" if cfg.name == "hubert" else "conv_length"
+    return "all_samples" if cfg.name == "hubert" and cfg.extractor_mode != "fbank" else "conv_length"
 
 
 def _check_config(cfg: ModelConfig) -> None:
