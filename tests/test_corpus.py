@@ -84,6 +84,18 @@ def test_speaker_plan_is_diverse_and_split():
     assert plan != corpus.plan_speakers(1, 30, 3, 3, 2700.0, inventory)
 
 
+def test_every_chapter_is_a_recording_session_of_its_own():
+    """Chapters of at most 45 s, at least 3 per speaker from a minute of audio on, each with its own
+    microphone / room / noise colour; the voice settings stay the speaker's."""
+    inventory = corpus.available_voices()
+    plan = corpus.plan_speakers(0, 30, 3, 3, 2700.0, inventory)
+    for s in plan:
+        assert len(s.chapters) == len(s.sessions) == voices.chapter_count(s.seconds)
+        assert len(s.chapters) >= 3 and s.seconds / len(s.chapters) <= common.CHAPTER_SECONDS
+        assert len({x.describe() for x in s.sessions}) == len(s.sessions)
+    assert voices.chapter_count(30.0) == 1 and voices.chapter_count(200.0) == 5
+
+
 def test_pool_speakers_are_many_and_never_share_a_dev_or_test_voice():
     """The demo's unlabeled pool: 160 speakers of its own with 5.5 h among them; no pool speaker has the
     espeak-ng voice (accent+variant) of a dev or test speaker, and no two speakers share every setting."""
@@ -103,8 +115,8 @@ def test_pool_speakers_are_many_and_never_share_a_dev_or_test_voice():
 
 def test_layout_and_transcripts_match_audio(tiny_corpus):
     out, summary = tiny_corpus
-    assert sorted(p.name for p in out.iterdir()) == ["SPEAKERS.TXT", "dev", "pool", "synth_config.json",
-                                                     "synth_summary.json", "test", "train"]
+    assert sorted(p.name for p in out.iterdir()) == ["CHAPTERS.TXT", "SPEAKERS.TXT", "dev", "pool",
+                                                     "synth_config.json", "synth_summary.json", "test", "train"]
     assert not list(out.parent.glob(f".{out.name}.*"))  # no temporary build directory left
     flacs = _flacs(out)
     transcripts = _transcripts(out)
@@ -251,7 +263,8 @@ def test_every_voice_speaks(tmp_path):
     for i, voice in enumerate(all_voices):
         pitch = 50.0 if voice.engine == "espeak-ng" else voice.f0_hz[0] if voice.f0_hz else 0.0
         speaker = dataclasses.replace(base, voice=voice, pitch=pitch, pitch_std=15.0 if voice.f0_hz else 0.0,
-                                      pitch_cents=0.0 if voice.f0_hz else 100.0)
+                                      pitch_cents=0.0 if voice.f0_hz else 100.0, chapters=(1000 + i,),
+                                      sessions=base.sessions[:1])
         task = render.ChapterTask(0, speaker, 1000 + i, 3.0, (100 * i, 100 * i + 100), str(tmp_path / str(i)))
         result = render.synth_chapter(task)
         assert result.utterances >= 1 and result.failed == 0, (voice, result.errors)
@@ -265,6 +278,7 @@ def test_chapter_reads_past_its_block_and_a_broken_voice_is_an_error(tmp_path):
     order = np.random.default_rng(0).permutation(len(pool))
     render.init_worker(pool, order)
     speaker = corpus.plan_speakers(0, 3, 1, 1, 60.0, inventory)[0]
+    speaker = dataclasses.replace(speaker, chapters=(1, 2), sessions=speaker.sessions[:1] * 2)
     result = render.synth_chapter(render.ChapterTask(0, speaker, 1, 12.0, (0, 1), str(tmp_path / "a")))
     assert result.sentences[0] == order[0] and len(result.sentences) >= 2  # own block of 1, then the pool
     assert len((tmp_path / "a" / f"{speaker.speaker_id}-1.trans.txt").read_text().splitlines()) == result.utterances

@@ -2,9 +2,14 @@
 
 The project cannot download LibriSpeech; this builds a stand-in the whole pipeline can learn from::
 
-    OUT/{train,dev,test}/<speaker>/<chapter>/<speaker>-<chapter>-<utt:04d>.flac   16 kHz mono 16-bit
-    OUT/{train,dev,test}/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt      "<utt-id> TRANSCRIPT"
+    OUT/{train,dev,test,pool}/<speaker>/<chapter>/<speaker>-<chapter>-<utt:04d>.flac   16 kHz mono 16-bit
+    OUT/{train,dev,test,pool}/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt      "<utt-id> TRANSCRIPT"
+
+train (labeled speakers: fine-tuning, speaker ID), dev and test (held-out speakers: selection, scores)
+and pool (the unlabeled pretraining audio: many more speakers of its own, default 5.5 h from 160; its
+transcripts exist but the demo never reads them).
     OUT/SPEAKERS.TXT        id | sex | subset | minutes | voice (engine and every setting)
+    OUT/CHAPTERS.TXT        chapter | speaker | minutes | subset | session (microphone, room, noise colour)
     OUT/synth_summary.json  counts and seconds per subset, dropped utterances, sentence pool size
     OUT/synth_config.json   settings, seed, versions of generator, tools and text sources (written last)
 

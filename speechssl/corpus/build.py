@@ -126,11 +126,23 @@ def _remove_stale_partials(out: Path) -> None:
 
 def _speakers_txt(speakers: Sequence[Speaker], seconds: dict[int, float], seed: int) -> str:
     lines = [f"; Speakers of the speechssl synthesized demo corpus (seed {seed}), LibriSpeech SPEAKERS.TXT layout.",
-             "; NAME is the voice: engine, voice and settings; sox transform, microphone and room; noise.",
+             "; NAME is the voice: engine, voice and settings; sox transform; mean SNR (sessions: CHAPTERS.TXT).",
              ";ID  |SEX| SUBSET | MINUTES | NAME"]
     for s in speakers:
         lines.append(f"{s.speaker_id:<5}| {s.sex} | {s.subset:<6} | {seconds.get(s.speaker_id, 0.0) / 60:7.2f} | "
                      f"{s.describe()}")
+    return "\n".join(lines) + "\n"
+
+
+def _chapters_txt(speakers: Sequence[Speaker], results: Sequence[ChapterResult]) -> str:
+    seconds = {(r.speaker_id, r.chapter_id): r.seconds for r in results}
+    lines = ["; Chapters (recording sessions) of the speechssl synthesized demo corpus, LibriSpeech CHAPTERS.TXT "
+             "layout.", "; SESSION: the microphone, room and noise colour of the chapter (each chapter its own).",
+             ";ID      |READER| MINUTES | SUBSET | SESSION"]
+    for s in speakers:
+        for chapter_id, session in zip(s.chapters, s.sessions):
+            minutes = seconds.get((s.speaker_id, chapter_id), 0.0) / 60
+            lines.append(f"{chapter_id:<8}| {s.speaker_id:<5}| {minutes:7.2f} | {s.subset:<6} | {session.describe()}")
     return "\n".join(lines) + "\n"
 
 
@@ -203,6 +215,7 @@ def synthesize_corpus(out_dir: str | Path, *, minutes: float = 45.0, speakers: i
         for r in results:
             seconds_by_speaker[r.speaker_id] = seconds_by_speaker.get(r.speaker_id, 0.0) + r.seconds
         atomic_write_text(partial / "SPEAKERS.TXT", _speakers_txt(plan, seconds_by_speaker, seed))
+        atomic_write_text(partial / "CHAPTERS.TXT", _chapters_txt(plan, results))
         atomic_write_text(partial / "synth_summary.json", json.dumps(summary, indent=2) + "\n")
         atomic_write_text(partial / "synth_config.json", json.dumps(config, indent=2) + "\n")  # marks finished
         os.chmod(partial, 0o755)

@@ -9,7 +9,7 @@ SUBSETS = ("train", "dev", "test", "pool")
 MIN_SECONDS, MAX_SECONDS = 2.0, 15.0  # utterances outside this range are dropped
 SNR_DB = (15.0, 35.0)
 MIN_WORDS, MAX_WORDS = 4, 20
-CHAPTER_SECONDS = 600.0  # a speaker's audio is split into chapters (recording sessions) of at most this
+CHAPTER_SECONDS = 45.0  # a speaker's audio is split into chapters (recording sessions) of at most this
 BATCH = 8  # utterances planned and synthesized per engine call (festival pays ~0.3 s start-up per call)
 ENGINES = ("espeak-ng", "flite", "festival")
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from speechssl.corpus.common import BATCH, MAX_SECONDS, MIN_SECONDS, SAMPLE_RATE, SNR_DB, SynthError
 from speechssl.corpus.sentences import SentencePool
-from speechssl.corpus.voices import Speaker
+from speechssl.corpus.voices import Session, Speaker
 from speechssl.utils.io import atomic_write_text
 
 _POOL: Optional[SentencePool] = None  # set once per worker process by init_worker
@@ -139,18 +139,20 @@ def _engine_commands(speaker: Speaker, utts: Sequence[_Utterance], work: Path) -
     return commands
 
 
-def _sox_command(speaker: Speaker, u: _Utterance, wav: Path) -> list[str]:
-    """Voice transform, room, microphone, resampling to 16 kHz mono float32 on stdout."""
+def _sox_command(speaker: Speaker, session: Session, u: _Utterance, wav: Path) -> list[str]:
+    """Voice transform, the session's room and microphone, resampling to 16 kHz mono float32 on stdout."""
     effects = ["gain", "-10", "speed", f"{speaker.formant:.4f}"]
     if speaker.voice.f0_hz is None and speaker.voice.engine != "espeak-ng":
         effects += ["pitch", f"{speaker.pitch_cents + u.cents:.1f}"]
-    if speaker.reverb is not None:
-        reverberance, room, predelay, wet = speaker.reverb
+    # to 16 kHz before the room and microphone: ``speed`` leaves the stream at engine rate x factor,
+    # below the microphone's low-pass cut-off for some voices and factors
+    effects += ["rate", "-v", str(SAMPLE_RATE)]
+    if session.reverb is not None:
+        reverberance, room, predelay, wet = session.reverb
         effects += ["reverb", f"{reverberance:g}", "50", f"{room:g}", "0", f"{predelay:g}", f"{wet:g}"]
-    effects += ["highpass", f"{speaker.highpass_hz:g}", "lowpass", f"{speaker.lowpass_hz:g}",
-                "bass", f"{speaker.bass_db:g}", "treble", f"{speaker.treble_db:g}",
-                "equalizer", f"{speaker.eq_hz:g}", "1.0o", f"{speaker.eq_db:g}",
-                "rate", "-v", str(SAMPLE_RATE), "channels", "1"]
+    effects += ["highpass", f"{session.highpass_hz:g}", "lowpass", f"{session.lowpass_hz:g}",
+                "bass", f"{session.bass_db:g}", "treble", f"{session.treble_db:g}",
+                "equalizer", f"{session.eq_hz:g}", "1.0o", f"{session.eq_db:g}", "channels", "1"]
     return ["sox", "-R", "-D", "-V1", str(wav), "-t", "f32", "-r", str(SAMPLE_RATE), "-c", "1", "-", *effects]
 
 
@@ -162,7 +164,7 @@ def _colored_noise(rng: np.random.Generator, n: int, slope: float) -> np.ndarray
     return noise / (noise.std() + 1e-12)
 
 
-def _finish(speech: np.ndarray, speaker: Speaker, u: _Utterance) -> Optional[np.ndarray]:
+def _finish(speech: np.ndarray, session: Session, u: _Utterance) -> Optional[np.ndarray]:
     """Trim the engine's silence, pad with room tone, add noise at the utterance SNR, set the level.
 
     speech: (time,) finite, not silent, at 16 kHz. Returns (time,) float in [-1, 1), or None when the
@@ -179,7 +181,7 @@ def _finish(speech: np.ndarray, speaker: Speaker, u: _Utterance) -> Optional[np.
     energy = (frames ** 2).mean(axis=1)
     speech_power = energy[energy > energy.max() * 1e-3].mean()  # active 20 ms frames only
     signal = np.concatenate([np.zeros(before), speech, np.zeros(after)])
-    noise = _colored_noise(np.random.default_rng(u.noise_seed), len(signal), speaker.noise_slope)
+    noise = _colored_noise(np.random.default_rng(u.noise_seed), len(signal), session.noise_slope)
     signal = signal + noise * np.sqrt(speech_power / 10 ** (u.snr_db / 10))
     return signal * (10 ** (u.level_db / 20) / np.abs(signal).max())
 
@@ -189,6 +191,7 @@ def synth_chapter(task: ChapterTask) -> ChapterResult:
     import soundfile as sf
 
     speaker, out = task.speaker, Path(task.out_dir)
+    session = speaker.session(task.chapter_id)
     rng = np.random.default_rng([task.seed, speaker.speaker_id, task.chapter_id])
     # The chapter's own block of the reading order, then (pool exhausted) the pool in a chapter-specific order.
     fallback = np.random.default_rng([task.seed, speaker.speaker_id, task.chapter_id, 1]).permutation(len(_POOL))
@@ -216,7 +219,7 @@ def synth_chapter(task: ChapterTask) -> ChapterResult:
                 wav = work / f"{i}.wav"
                 proc = None
                 if wav.is_file() and wav.stat().st_size > 1000:
-                    proc = subprocess.run(_sox_command(speaker, u, wav), capture_output=True, timeout=600)
+                    proc = subprocess.run(_sox_command(speaker, session, u, wav), capture_output=True, timeout=600)
                 if proc is None or proc.returncode != 0 or not proc.stdout:
                     result.failed += 1
                     if proc is not None:
@@ -226,7 +229,7 @@ def synth_chapter(task: ChapterTask) -> ChapterResult:
                 if not np.isfinite(speech).all() or np.abs(speech).max() < 1e-4:
                     result.failed += 1
                     continue
-                audio = _finish(speech, speaker, u)
+                audio = _finish(speech, session, u)
                 if audio is None:
                     result.out_of_range += 1
                     continue

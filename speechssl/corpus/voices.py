@@ -2,8 +2,9 @@
 
 A speaker is one engine voice (espeak-ng accent+variant, flite or festival voice) with settings drawn
 once from the seed: native pitch and rate, a sox ``speed`` factor scaling f0 and formants together
-(vocal-tract length; the engine rate compensates), a microphone (band limits, shelves, one EQ band), an
-optional small room (sox ``reverb``), noise colour, mean SNR (15-35 dB) and level. Half the speakers use
+(vocal-tract length; the engine rate compensates), mean SNR (15-35 dB) and level. Each of its chapters is
+a recording session with conditions of its own (:class:`Session`): a microphone (band limits, shelves,
+one EQ band), an optional small room (sox ``reverb``) and the noise colour. Half the speakers use
 espeak-ng with distinct accent+variant pairs (seeded draws without replacement); the rest cycle through the flite/festival voices, spread
 apart by Latin-hypercube sampling of pitch, rate and formant factor. Sexes are balanced and interleaved
 so every subset gets both; subsets have disjoint speakers.
@@ -148,6 +149,49 @@ def available_voices(engines: Optional[Sequence[str]] = None) -> Inventory:
 
 
 @dataclass(frozen=True)
+class Session:
+    """The recording conditions of one chapter: a microphone (band limits, shelves, one EQ band), an
+    optional small room (sox ``reverb``) and the noise colour. Drawn per chapter, so a speaker's chapters
+    sound like different recording sessions (speaker ID across sessions cannot lean on the channel)."""
+
+    highpass_hz: float
+    lowpass_hz: float
+    bass_db: float
+    treble_db: float
+    eq_hz: float
+    eq_db: float
+    reverb: Optional[tuple[float, float, float, float]]  # reverberance %, room scale %, pre-delay ms, wet dB
+    noise_slope: float  # noise spectrum ~ f^-slope (0 white, 1 pink)
+
+    def describe(self) -> str:
+        room = "none" if self.reverb is None else "{:.0f}%/{:.0f}%".format(*self.reverb[:2])
+        return (f"band {self.highpass_hz:.0f}-{self.lowpass_hz:.0f}Hz bass {self.bass_db:+.1f} treble "
+                f"{self.treble_db:+.1f} eq {self.eq_hz:.0f}Hz {self.eq_db:+.1f}dB reverb {room} "
+                f"noise-slope {self.noise_slope:.1f}")
+
+
+def draw_session(rng: np.random.Generator) -> Session:
+    return Session(
+        highpass_hz=round(float(rng.uniform(50, 160))),
+        lowpass_hz=round(float(rng.uniform(5500, 7800))),
+        bass_db=round(float(rng.uniform(-4, 4)), 1),
+        treble_db=round(float(rng.uniform(-5, 3)), 1),
+        eq_hz=round(float(np.exp(rng.uniform(np.log(400), np.log(3500))))),
+        eq_db=round(float(rng.uniform(-5, 5)), 1),
+        reverb=(round(float(rng.uniform(10, 45))), round(float(rng.uniform(10, 60))),
+                round(float(rng.uniform(0, 10))), round(float(rng.uniform(-8, -3)), 1))
+        if rng.random() < 0.5 else None,
+        noise_slope=round(float(rng.uniform(0, 1.5)), 2),
+    )
+
+
+def chapter_count(seconds: float) -> int:
+    """Chapters (sessions) of a speaker with ``seconds`` of audio: one per CHAPTER_SECONDS, and at least
+    3 when there is a minute or more (so speaker ID can train, select and test on different sessions)."""
+    return max(1, math.ceil(seconds / CHAPTER_SECONDS), 3 if seconds >= 60.0 else 1)
+
+
+@dataclass(frozen=True)
 class Speaker:
     """A synthetic speaker: a voice and the fixed settings drawn for it (see the module docstring)."""
 
@@ -160,22 +204,18 @@ class Speaker:
     rate: float  # speaking-rate factor (1 = engine default)
     word_gap: int  # espeak-ng -g, in 10 ms units
     formant: float  # sox speed factor: scales f0 and formants (vocal-tract length)
-    highpass_hz: float
-    lowpass_hz: float
-    bass_db: float
-    treble_db: float
-    eq_hz: float
-    eq_db: float
-    reverb: Optional[tuple[float, float, float, float]]  # reverberance %, room scale %, pre-delay ms, wet dB
     snr_db: float  # mean SNR of the speaker's recordings
-    noise_slope: float  # noise spectrum ~ f^-slope (0 white, 1 pink)
     peak_db: float  # recording level (peak, dBFS)
     seconds: float  # audio budget
     chapters: tuple[int, ...]
+    sessions: tuple[Session, ...]  # the recording conditions of each chapter
 
     @property
     def sex(self) -> str:
         return self.voice.sex
+
+    def session(self, chapter_id: int) -> Session:
+        return self.sessions[self.chapters.index(chapter_id)]
 
     def describe(self) -> str:
         v = self.voice
@@ -186,10 +226,7 @@ class Speaker:
             engine = f"{v.engine} {v.name} f0 {self.pitch:.0f}Hz{std} rate {self.rate:.2f}"
         else:
             engine = f"{v.engine} {v.name} pitch {self.pitch_cents:+.0f}c rate {self.rate:.2f}"
-        room = "none" if self.reverb is None else "{:.0f}%/{:.0f}%".format(*self.reverb[:2])
-        return (f"{engine}; sox speed {self.formant:.3f} band {self.highpass_hz:.0f}-{self.lowpass_hz:.0f}Hz "
-                f"bass {self.bass_db:+.1f} treble {self.treble_db:+.1f} eq {self.eq_hz:.0f}Hz {self.eq_db:+.1f}dB "
-                f"reverb {room}; snr {self.snr_db:.0f}dB noise-slope {self.noise_slope:.1f}")
+        return f"{engine}; sox speed {self.formant:.3f}; snr {self.snr_db:.0f}dB"
 
 
 def _stratified(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -261,7 +298,7 @@ def plan_speakers(seed: int, n_speakers: int, n_dev: int, n_test: int, total_sec
             pitch, cents = 0.0, -250 + (400 if female else 450) * u_pitch
         lo_f = 0.95 if female else 0.92
         speaker_id = 100 + rank
-        n_chapters = max(1, math.ceil(seconds[i] / CHAPTER_SECONDS))
+        n_chapters = chapter_count(seconds[i])
         if n_chapters > 99:  # chapter ids are speaker_id * 100 + 1..99
             raise SynthError(f"{seconds[i] / 3600:.1f} h per speaker is more than 99 chapters: use more --speakers")
         speakers.append(Speaker(
@@ -275,19 +312,10 @@ def plan_speakers(seed: int, n_speakers: int, n_dev: int, n_test: int, total_sec
             rate=round(0.86 + 0.28 * float(u_rate), 3),
             word_gap=int(rng.integers(0, 3)) if v.engine == "espeak-ng" else 0,
             formant=round(lo_f + 0.13 * float(u_formant), 4),
-            highpass_hz=round(float(rng.uniform(50, 160))),
-            lowpass_hz=round(float(rng.uniform(5500, 7800))),
-            bass_db=round(float(rng.uniform(-4, 4)), 1),
-            treble_db=round(float(rng.uniform(-5, 3)), 1),
-            eq_hz=round(float(np.exp(rng.uniform(np.log(400), np.log(3500))))),
-            eq_db=round(float(rng.uniform(-5, 5)), 1),
-            reverb=(round(float(rng.uniform(10, 45))), round(float(rng.uniform(10, 60))),
-                    round(float(rng.uniform(0, 10))), round(float(rng.uniform(-8, -3)), 1))
-            if rng.random() < 0.5 else None,
             snr_db=round(float(rng.uniform(SNR_DB[0] + 3, SNR_DB[1] - 3)), 1),
-            noise_slope=round(float(rng.uniform(0, 1.5)), 2),
             peak_db=round(float(rng.uniform(-6, -1.5)), 1),
             seconds=float(seconds[i]),
             chapters=tuple(speaker_id * 100 + c + 1 for c in range(n_chapters)),
+            sessions=tuple(draw_session(rng) for _ in range(n_chapters)),
         ))
     return sorted(speakers, key=lambda s: s.speaker_id)

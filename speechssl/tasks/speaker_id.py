@@ -159,6 +159,55 @@ def make_closed_set_manifest(src_dir: str | Path, out_dir: str | Path, valid_fra
     atomic_write_text(out_dir / SPEAKER_DICT, "".join(f"{sym} {n}\n" for sym, n in entries))
     return {name: len(rows) for name, rows in splits.items()}
 
+def make_cross_session_manifest(src_dir: str | Path, out_dir: str | Path, split: str = "train",
+                                force: bool = False) -> dict[str, int]:
+    """Split ``src_dir/<split>.tsv`` (+ ``.spk``) into a closed-set speaker-ID manifest whose splits are
+    different recording sessions: per speaker, its last chapter (LibriSpeech layout
+    ``speaker/chapter/file``) is ``test``, the one before ``valid``, the others ``train``. A probe then
+    cannot identify speakers by their microphone (every chapter of the demo corpus is a session of its
+    own). Speakers with fewer than 3 chapters are left out. Files as :func:`make_closed_set_manifest`.
+    """
+    from speechssl.data.dataset import read_manifest
+    from speechssl.data.manifest_labels import count_dictionary
+    from speechssl.utils.io import atomic_write_text
+
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    manifest = read_manifest(src_dir / f"{split}.tsv")
+    spk_path = src_dir / f"{split}.spk"
+    if not spk_path.is_file():
+        raise ManifestError(f"{spk_path}: speaker labels not found (see 'speechssl manifest --speaker-regex')")
+    speakers = spk_path.read_text().splitlines()
+    if len(speakers) != len(manifest.files):
+        raise ManifestError(f"{spk_path}: {len(speakers)} lines but {manifest.path} has {len(manifest.files)} entries")
+    names = [f"{s}.{ext}" for s in ("train", "valid", "test") for ext in ("tsv", "spk")] + [SPEAKER_DICT]
+    existing = [n for n in names if (out_dir / n).exists()]
+    if existing and not force:
+        raise ManifestError(f"{out_dir} already holds {', '.join(existing)}; pass force=True (--force) to replace them")
+    chapters: dict[str, dict[str, list[_Utterance]]] = {}
+    for f, n, spk in zip(manifest.files, manifest.sizes, speakers):
+        parts = Path(f).parts
+        if len(parts) < 2:
+            raise ManifestError(f"{manifest.path}: {f} is not in a speaker/chapter/file layout")
+        chapters.setdefault(spk, {}).setdefault(parts[-2], []).append(_Utterance(f, int(n), spk))
+    splits: dict[str, list[_Utterance]] = {"train": [], "valid": [], "test": []}
+    for spk in sorted(chapters):
+        ids = sorted(chapters[spk])
+        if len(ids) < 3:
+            continue
+        for chapter in ids[:-2]:
+            splits["train"] += chapters[spk][chapter]
+        splits["valid"] += chapters[spk][ids[-2]]
+        splits["test"] += chapters[spk][ids[-1]]
+    if not splits["train"]:
+        raise ManifestError(f"{manifest.path}: no speaker has 3 or more chapters (sessions) to split")
+    for name, rows in splits.items():
+        atomic_write_text(out_dir / f"{name}.tsv",
+                          "\n".join([str(manifest.root)] + [f"{u.path}\t{u.samples}" for u in rows]) + "\n")
+        atomic_write_text(out_dir / f"{name}.spk", "".join(f"{u.speaker}\n" for u in rows))
+    entries = count_dictionary(u.speaker for u in splits["train"])
+    atomic_write_text(out_dir / SPEAKER_DICT, "".join(f"{sym} {n}\n" for sym, n in entries))
+    return {name: len(rows) for name, rows in splits.items()}
+
 
 # --------------------------------------------------------------------------------------------------
 # Model
