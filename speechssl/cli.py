@@ -17,6 +17,7 @@ from speechssl import corpus as synth_cmd
 from speechssl import pretrain as pretrain_cmd
 from speechssl import finetune as finetune_cmd
 from speechssl import evaluate as evaluate_cmd
+from speechssl import probe as probe_cmd
 from speechssl.text import spm as spm_cmd
 from speechssl.train import plot as plot_cmd
 from speechssl.features import cli as features_cmd
@@ -32,6 +33,7 @@ COMMANDS = {
     "pretrain": (pretrain_cmd, "self-supervised pretraining (wav2vec 2.0): CPU, GPUs, torchrun; resumes itself"),
     "finetune": (finetune_cmd, "fine-tune a pretrained upstream: CTC speech recognition or speaker ID; resumes itself"),
     "evaluate": (evaluate_cmd, "score a fine-tuned checkpoint on a manifest split: WER/CER (CTC) or speaker ID"),
+    "probe": (probe_cmd, "frozen-upstream probes (SUPERB style): ASR (BiLSTM + CTC) or speaker ID on a checkpoint or fbank"),
     "spm": (spm_cmd, "train a sentencepiece unigram/BPE model on .wrd transcripts (CTC output units)"),
     "plot": (plot_cmd, "PNG plots of a training run's curves (loss, accuracy, perplexity, LR, throughput)"),
     "features": (features_cmd, "HuBERT k-means inputs: MFCC or a model layer's frame features, sharded"),
