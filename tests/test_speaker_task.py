@@ -235,3 +235,26 @@ def test_closed_set_manifest_holds_out_a_share_of_every_speaker(tmp_path):
     assert read_speaker_dict(tmp_path / "out" / "dict.spk.txt")[0] == "s2"  # train counts, descending
     with pytest.raises(ManifestError, match="force"):
         make_closed_set_manifest(src, tmp_path / "out")
+
+
+def test_cross_session_manifest_tests_on_a_chapter_never_trained_on(tmp_path):
+    from speechssl.tasks.speaker_id import make_cross_session_manifest, read_speaker_dict
+
+    src = tmp_path / "src"
+    src.mkdir()
+    chapters = {"s1": ["11", "12", "13", "14"], "s2": ["21", "22", "23"], "s3": ["31", "32"]}
+    rows = [(f"{s}/{c}/{s}-{c}-{i}.flac", 16000 + i, s) for s, cs in chapters.items() for c in cs for i in range(3)]
+    (src / "train.tsv").write_text("/audio\n" + "".join(f"{p}\t{n}\n" for p, n, _ in rows))
+    (src / "train.spk").write_text("".join(f"{s}\n" for *_, s in rows))
+    sizes = make_cross_session_manifest(src, tmp_path / "out")
+    assert sizes == {"train": 9, "valid": 6, "test": 6}  # s3 (2 chapters) left out
+    by_split = {}
+    for split in ("train", "valid", "test"):
+        tsv = (tmp_path / "out" / f"{split}.tsv").read_text().splitlines()[1:]
+        spk = (tmp_path / "out" / f"{split}.spk").read_text().splitlines()
+        assert all(line.startswith(s + "/") for line, s in zip(tsv, spk))
+        by_split[split] = {line.split("/")[1] for line in tsv}
+    assert by_split == {"train": {"11", "12", "21"}, "valid": {"13", "22"}, "test": {"14", "23"}}
+    assert sorted(read_speaker_dict(tmp_path / "out" / "dict.spk.txt")) == ["s1", "s2"]
+    with pytest.raises(ManifestError, match="force"):
+        make_cross_session_manifest(src, tmp_path / "out")
