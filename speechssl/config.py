@@ -267,6 +267,20 @@ class CriterionConfig:
 
 
 @dataclass
+class ProbeSettings:
+    """Not in fairseq: a cheap frozen-upstream probe of the model being pretrained, run at validation
+    points and logged with the validation record (``probe_cer`` / ``probe_wer`` or ``probe_accuracy``),
+    so the curves show representation quality, not only the pretext loss (speechssl/tasks/probe.py)."""
+
+    data: Optional[str] = None  # manifest dir: train / valid with .ltr + .wrd (asr) or .spk (sid); None: off
+    task: str = "sid"  # sid (mean pooling + linear: seconds) | asr (BiLSTM + CTC: about a minute)
+    interval_updates: int = 0  # probe at the validation points every this many updates (0: at every one)
+    updates: int = 0  # downstream updates (0: 300 asr, 300 sid)
+    max_train_utterances: int = 0  # probe-training utterances (0: all)
+    seed: int = 0
+
+
+@dataclass
 class Config:
     common: CommonConfig = field(default_factory=CommonConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -278,6 +292,7 @@ class Config:
     distributed_training: DistributedTrainingConfig = field(default_factory=DistributedTrainingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     criterion: CriterionConfig = field(default_factory=CriterionConfig)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

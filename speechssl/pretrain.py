@@ -82,7 +82,22 @@ def build_pretraining(cfg):
     return TrainingSetup(
         model=model, objective=objective, train_data=train, valid_data=valid, health=health,
         find_unused_parameters=cfg.distributed_training.find_unused_parameters or m.encoder_layerdrop > 0,
+        probe=pretraining_probe(cfg),
     )
+
+
+def pretraining_probe(cfg):
+    """The ``probe.*`` settings as the loop's probe function (None when ``probe.data`` is not set)."""
+    if not cfg.probe.data:
+        return None
+    from speechssl.config import ConfigError
+    from speechssl.tasks.probe import training_probe
+
+    if cfg.checkpoint.best_checkpoint_metric.startswith("probe_"):
+        raise ConfigError(f"checkpoint.best_checkpoint_metric={cfg.checkpoint.best_checkpoint_metric}: probe "
+                          "metrics are logged, not used to select checkpoints; choose a validation metric such "
+                          "as loss or accuracy")
+    return training_probe(cfg.probe, cfg.task.normalize)
 
 
 def build_hubert_pretraining(cfg):
@@ -136,6 +151,7 @@ def build_hubert_pretraining(cfg):
         model=model, objective=objective, train_data=train, valid_data=valid,
         collate=LabelCollater(dictionaries, t.label_rate, t.sample_rate, pad=t.enable_padding), health=health,
         find_unused_parameters=cfg.distributed_training.find_unused_parameters or m.encoder_layerdrop > 0,
+        probe=pretraining_probe(cfg),
         summary=[f"labels: {', '.join(t.labels)} from {label_dir}, {num_classes} classes, {t.label_rate:g} labels/s "
                  f"(chance accuracy {1.0 / min(num_classes):.3f})"],
     )

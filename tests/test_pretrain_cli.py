@@ -119,3 +119,30 @@ def test_collapse_alarm_fires_during_training_on_a_collapsed_codebook(corpus):
     assert all(r["prob_perplexity"] > 5 for r in collapsed)  # the softmax is spread: only the argmax collapsed
     healthy = run("healthy", False)
     assert all(not any("codebook collapse" in a for a in r["alarms"]) for r in healthy)
+
+
+def test_probe_at_validation_points_is_logged_with_the_valid_record(corpus, tmp_path):
+    """probe.* settings: a speaker-ID probe of the model being trained runs at the validation points
+    (probe.interval_updates apart) and its valid accuracy goes into the valid records; it leaves the
+    training itself unchanged (same losses as a run without the probe)."""
+    tmp, man = corpus
+    spk = tmp_path / "spk"
+    spk.mkdir()
+    for split in ("train", "valid"):
+        lines = (man / f"{split}.tsv").read_text().splitlines()
+        (spk / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+        (spk / f"{split}.spk").write_text("".join(f"s{i % 2}\n" for i in range(len(lines) - 1)))
+    (spk / "dict.spk.txt").write_text("s0 6\ns1 6\n")
+    recipe = tiny_recipe(tmp / "probe.yaml", optimization={"max_update": 4}, checkpoint={"save_interval_updates": 2})
+    base = ["pretrain", str(recipe), f"task.data={man}"]
+    assert main(base + [f"checkpoint.save_dir={tmp_path / 'p'}", f"probe.data={spk}", "probe.interval_updates=4",
+                        "probe.updates=20"]) == 0
+    assert main(base + [f"checkpoint.save_dir={tmp_path / 'n'}"]) == 0
+    probed, plain = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                     for d in ("p", "n"))
+    valid = {r["update"]: r for r in probed if r["split"] == "valid"}
+    assert sorted(valid) == [2, 4] and "probe_accuracy" not in valid[2]
+    assert 0.0 <= valid[4]["probe_accuracy"] <= 100.0 and valid[4]["probe_seconds"] > 0
+    train = [(r["update"], r["loss"]) for r in probed if r["split"] == "train"]
+    assert train == [(r["update"], r["loss"]) for r in plain if r["split"] == "train"]
+    assert main(base + [f"checkpoint.save_dir={tmp_path / 'x'}", f"probe.data={tmp_path}"]) == 2  # no labels there

@@ -469,3 +469,45 @@ def run_probe(upstream: Upstream, manifest_dir: str | Path, cfg: ProbeConfig,
     result.update(task=cfg.task, upstream=upstream.name, seconds=time.perf_counter() - t0,
                   extract_seconds=extract_seconds, num_train=len(train.states), config=dataclasses.asdict(cfg))
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# During pretraining
+# --------------------------------------------------------------------------------------------------
+
+
+def training_probe(settings, normalize: bool) -> Callable[[nn.Module], dict[str, float]]:
+    """The ``probe.*`` settings (:class:`~speechssl.config.ProbeSettings`) as a function of the model being
+    trained: extract the probe manifest's train / valid states with the current weights (eval mode, no
+    gradient), train the downstream (CPU; the global RNG state is restored afterwards, so training
+    randomness is unchanged) and return ``{"probe_cer", "probe_wer"}`` or ``{"probe_accuracy"}`` of valid.
+    The labels and the manifest are checked once, here, so a bad path fails before training starts.
+    Probe metrics are logged, not used to select checkpoints (only the main process computes them)."""
+    cfg = resolved(ProbeConfig(task=settings.task, updates=settings.updates or 300, test_split=None,
+                               seed=settings.seed, max_train_utterances=settings.max_train_utterances,
+                               eval_interval=max(1, (settings.updates or 300) // 3)))
+    manifest_dir = Path(settings.data)
+    for split in (cfg.train_split, cfg.valid_split):
+        for ext in (("tsv", "ltr", "wrd") if cfg.task == "asr" else ("tsv", "spk")):
+            if not (manifest_dir / f"{split}.{ext}").is_file():
+                raise ConfigError(f"probe.data={settings.data}: {split}.{ext} not found (a '{cfg.task}' probe needs "
+                                  f"{' + '.join(('tsv', 'ltr', 'wrd') if cfg.task == 'asr' else ('tsv', 'spk'))} "
+                                  "of the train and valid splits)")
+    dict_file = manifest_dir / ("dict.ltr.txt" if cfg.task == "asr" else "dict.spk.txt")
+    if not dict_file.is_file():
+        raise ConfigError(f"probe.data={settings.data}: {dict_file.name} not found")
+
+    def probe(model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        device = next(model.parameters()).device
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                upstream = model_upstream(model, "training", normalize, device)
+                result = run_probe(upstream, manifest_dir, cfg, log=lambda _: None)
+        finally:
+            model.train(was_training)
+        if cfg.task == "asr":
+            return {"probe_cer": result["valid_cer"], "probe_wer": result["valid_wer"]}
+        return {"probe_accuracy": result["valid_accuracy"]}
+
+    return probe

@@ -43,6 +43,8 @@ class TrainingSetup:
     health: Optional[HealthMonitor] = None
     resume_sections: tuple[str, ...] = ("model",)  # config sections a resumed run must not change
     find_unused_parameters: bool = False  # DDP: parameters may get no gradient (e.g. LayerDrop)
+    # probe.* settings: model -> extra validation metrics (probe_cer, probe_accuracy...), main rank only
+    probe: Optional[Callable[[nn.Module], dict[str, float]]] = None
     summary: list[str] = field(default_factory=list)  # extra lines for the start-up summary
 
 
@@ -208,7 +210,12 @@ class _Loop:
         stats = self.trainer.validate(self.valid_loader)
         if stats is None:
             return None
-        rec = {"split": "valid", "update": self.trainer.num_updates, "epoch": self.epoch, **stats,
+        n, every = self.trainer.num_updates, self.cfg.probe.interval_updates
+        if self.setup.probe is not None and self.env.is_main and (every <= 0 or n % every == 0):
+            t1 = time.perf_counter()
+            stats.update(self.setup.probe(self.trainer.model))
+            stats["probe_seconds"] = time.perf_counter() - t1
+        rec = {"split": "valid", "update": n, "epoch": self.epoch, **stats,
                "seconds": time.perf_counter() - t0, "time": time.time()}
         if self.env.is_main:
             self.logger.log(rec)

@@ -28,7 +28,7 @@ _LAST = ("lr", "loss_scale", "epoch")
 _NOT_LOGGED = ("skipped", "overflow", "nonfinite")
 # Columns of the progress line, in order, with their format.
 _SHOWN = (("loss", ".3f"), ("contrastive", ".3f"), ("diversity", ".3f"), ("feature_pen", ".3f"),
-          ("accuracy", ".3f"), ("wer", ".2f"), ("cer", ".2f"), ("emit_ratio", ".2f"), ("code_perplexity", ".1f"), ("prob_perplexity", ".1f"), ("temp", ".3f"),
+          ("accuracy", ".3f"), ("wer", ".2f"), ("cer", ".2f"), ("emit_ratio", ".2f"), ("probe_cer", ".1f"), ("probe_accuracy", ".1f"), ("code_perplexity", ".1f"), ("prob_perplexity", ".1f"), ("temp", ".3f"),
           ("lr", ".2e"), ("grad_norm", ".2f"), ("audio_sec_per_sec", ".0f"))
 
 

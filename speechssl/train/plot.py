@@ -8,8 +8,8 @@ from typing import Any
 
 DESCRIPTION = """\
 Plot the training curves of a run from RUN_DIR/metrics.jsonl (written by 'speechssl pretrain'):
-loss terms (train and valid), contrastive accuracy, codebook perplexities, learning rate, gradient
-norm and throughput, one PNG per panel group plus overview.png with all of them. The PNGs go to
+loss terms (train and valid), contrastive accuracy, codebook perplexities, the frozen-upstream probe
+scores (probe.* settings), learning rate, gradient norm and throughput, one PNG per panel group plus overview.png with all of them. The PNGs go to
 RUN_DIR/plots/ (regenerated on every call, so it works while the run is training) or to --out.
 
 Example:
@@ -24,6 +24,8 @@ PANELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "accuracy": ("accuracy", ("accuracy",)),
     "error_rate": ("error rate % (CTC, greedy)", ("wer", "cer")),
     "emit_ratio": ("CTC symbols emitted / target tokens", ("emit_ratio",)),
+    "probe_error_rate": ("frozen-upstream ASR probe, valid error rate %", ("probe_cer", "probe_wer")),
+    "probe_accuracy": ("frozen-upstream speaker-ID probe, valid accuracy %", ("probe_accuracy",)),
     "perplexity": ("codebook perplexity", ("code_perplexity", "prob_perplexity")),
     "lr": ("learning rate", ("lr",)),
     "grad_norm": ("gradient norm", ("grad_norm",)),
