@@ -79,6 +79,37 @@ def test_channels_last_conv_matches_conv1d(kernel, stride):
         assert conv1d_nlc(x.float().transpose(1, 2), w.float(), stride).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("mode,bias", [("default", False), ("layer_norm", True), ("layer_norm", False)])
+def test_conv_extractor_layouts_agree(mode, bias):
+    """The CPU path (channels-last, strided matmuls, covariance statistics) and the CUDA path (channels-first
+    F.conv1d / cuDNN, fp32 GroupNorm) compute the same function, forward and backward, fp32 and bf16."""
+    torch.manual_seed(0)
+    layers = [(16, 10, 5), (16, 3, 2), (16, 3, 2), (16, 2, 2)]
+    extractor = ConvFeatureExtractor(layers, mode=mode, conv_bias=bias)
+    for block in extractor.conv_layers:  # non-identity norm affines
+        if block.norm is not None:
+            torch.nn.init.uniform_(block.norm.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(block.norm.bias, -0.5, 0.5)
+    source = torch.randn(3, 1234)
+    outs, grads = [], []
+    for forward in (extractor.forward_channels_last, extractor.forward_channels_first):
+        x = source.clone().requires_grad_()
+        y = forward(x)
+        y.pow(2).sum().backward()
+        outs.append(y)
+        grads.append([x.grad] + [p.grad.clone() for p in extractor.parameters()])
+        extractor.zero_grad()
+    assert outs[0].shape == outs[1].shape == (3, int(extractor.output_lengths(torch.tensor(1234))), 16)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(extractor(source), outs[0], atol=0, rtol=0)  # CPU tensors: channels-last
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = [extractor.forward_channels_last(source), extractor.forward_channels_first(source)]
+    assert low[0].dtype == low[1].dtype == torch.bfloat16
+    torch.testing.assert_close(low[0].float(), low[1].float(), atol=0.1, rtol=0.05)
+
+
 def test_output_lengths_match_conv_stack():
     extractor = ConvFeatureExtractor(wav2vec2_tiny_config().conv_feature_layers)
     for samples in (400, 401, 719, 720, 16000, 16321):

@@ -16,6 +16,10 @@ Three CPU-specific speed choices, with identical semantics (documented where the
   the waveform's frames, its per-channel statistics from the frames' covariance
   (:func:`frame_conv_stats`) and :class:`_ChannelNormNLC`, so the largest activation is never
   transposed (forward + backward of that layer about 2x faster on CPU).
+
+On other devices (CUDA) the conv feature extractor runs channels-first with ``F.conv1d`` (cuDNN) and an
+fp32 ``GroupNorm``, as fairseq (:meth:`ConvFeatureExtractor.forward_channels_first`): the strided-matmul
+convolution issues its GEMMs per utterance, a Python loop that would starve a GPU.
 """
 
 from __future__ import annotations
@@ -252,6 +256,7 @@ class ConvBlock(nn.Module):
             self.norm = nn.LayerNorm(out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Channels-last, the CPU path: ``(B, L_in, C_in) -> (B, L_out, C_out)``."""
         if self.norm_type == "group":
             C, _, k = self.conv.weight.shape
             frames = x.reshape(x.shape[0], -1).unfold(1, k, self.conv.stride[0])  # (B, L, k) view
@@ -266,6 +271,19 @@ class ConvBlock(nn.Module):
             y = y + self.conv.bias.to(y.dtype)
         if self.norm is not None:
             y = self.norm(y)
+        return F.gelu(y)
+
+    def forward_channels_first(self, x: Tensor) -> Tensor:
+        """Channels-first, the cuDNN path (fairseq's layout): ``(B, C_in, L_in) -> (B, C_out, L_out)``.
+
+        Same values as :meth:`forward`: the group norm takes fp32 statistics and returns the conv output's
+        dtype (fairseq's ``Fp32GroupNorm``); the layer norm normalises over channels (transposed there and
+        back, as fairseq's ``TransposeLast``)."""
+        y = self.conv(x)
+        if self.norm_type == "group":
+            y = F.group_norm(y.float(), self.norm.num_groups, self.norm.weight, self.norm.bias, self.norm.eps).to(y.dtype)
+        elif self.norm is not None:
+            y = self.norm(y.transpose(1, 2)).transpose(1, 2)
         return F.gelu(y)
 
 
@@ -288,6 +306,10 @@ class ConvFeatureExtractor(nn.Module):
     layer norm in fp32, so the explicit round trip through fp32 copies of the largest activation
     (``(B, 512, T/5)``) is not needed. Frames are kept channels-last ``(B, L, C)``
     between layers (:func:`conv1d_nlc`), which also makes LARGE's LayerNorm a plain last-axis norm.
+
+    Two layouts with the same values: channels-last (:meth:`forward_channels_last`) on the CPU, where the
+    strided-matmul convolution is fastest, and channels-first (:meth:`forward_channels_first`: cuDNN's
+    ``conv1d``, one transpose at the end) on other devices.
 
     Input ``(B, T)`` waveform; output ``(B, L, C)`` with ``L = output_lengths(T)``.
     """
@@ -314,10 +336,23 @@ class ConvFeatureExtractor(nn.Module):
         if int(self.output_lengths(torch.tensor(source.shape[1]))) < 1:
             raise ValueError(f"input of {source.shape[1]} samples is shorter than the conv stack's receptive "
                              "field; drop such inputs (task.min_sample_size)")
-        x = source.unsqueeze(-1)  # (B, T, 1): frames stay channels-last through the stack
+        if source.device.type == "cpu":
+            return self.forward_channels_last(source)
+        return self.forward_channels_first(source)
+
+    def forward_channels_last(self, source: Tensor) -> Tensor:
+        """``(B, T) -> (B, L, C)`` with frames channels-last through the stack (the CPU path)."""
+        x = source.unsqueeze(-1)  # (B, T, 1)
         for block in self.conv_layers:
             x = block(x)
         return x
+
+    def forward_channels_first(self, source: Tensor) -> Tensor:
+        """``(B, T) -> (B, L, C)`` through ``F.conv1d`` on ``(B, C, L)`` frames (the CUDA path)."""
+        x = source.unsqueeze(1)  # (B, 1, T)
+        for block in self.conv_layers:
+            x = block.forward_channels_first(x)
+        return x.transpose(1, 2)
 
     @property
     def stride(self) -> int:
