@@ -62,9 +62,9 @@ class LayerExtractor:
         self.dim = cfg.model.encoder_embed_dim
         self.stride = self.model.feature_extractor.stride
         self.rate = self.sample_rate / self.stride  # 50 frames/s for the published front-ends at 16 kHz
-        self.min_len = 1  # shortest input giving one frame (the receptive field: 400 samples for BASE)
-        for _, k, s in reversed(spec):
-            self.min_len = (self.min_len - 1) * s + k
+        # shortest input giving one frame (the receptive field: 400 samples for BASE and for log-mel)
+        frames = self.model.feature_extractor.output_lengths(torch.arange(1 << 16))
+        self.min_len = int(torch.nonzero(frames >= 1)[0])
         if max_chunk < self.min_len:
             raise FeatureStoreError(f"--max-chunk {max_chunk} is below the model's receptive field ({self.min_len})")
         self.model_name = cfg.model.name
