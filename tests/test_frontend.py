@@ -31,6 +31,7 @@ def test_stacked_frames_and_output_lengths():
     torch.testing.assert_close(y[:, 3, :80], frames[:, 6]) and torch.testing.assert_close(y[:, 3, 80:], frames[:, 7])
     lengths = torch.tensor([16000, 400, 559, 560, 0])
     assert fe.output_lengths(lengths).tolist() == [49, 0, 0, 1, 0]
+    assert [fe.num_frames(n) for n in lengths.tolist()] == [49, 0, 0, 1, 0]
     with pytest.raises(ValueError, match="shorter than the log-mel front-end"):
         fe(torch.randn(1, 500))
     assert list(fe.parameters()) == [] and fe.state_dict() == {}

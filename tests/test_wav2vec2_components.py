@@ -114,8 +114,9 @@ def test_output_lengths_match_conv_stack():
     extractor = ConvFeatureExtractor(wav2vec2_tiny_config().conv_feature_layers)
     for samples in (400, 401, 719, 720, 16000, 16321):
         frames = extractor(torch.zeros(1, samples)).shape[1]
-        assert extractor.output_lengths(torch.tensor(samples)).item() == frames
-    assert extractor.output_lengths(torch.tensor(0)).item() == 0
+        assert extractor.output_lengths(torch.tensor(samples)).item() == frames == extractor.num_frames(samples)
+    assert extractor.output_lengths(torch.tensor(0)).item() == 0 == extractor.num_frames(0)
+    assert extractor.num_frames(399) == 0 and extractor.num_frames(-5) == 0
     with pytest.raises(ValueError, match="receptive field"):
         extractor(torch.zeros(1, 300))
     with pytest.raises(ValueError, match="extractor_mode"):

@@ -107,7 +107,7 @@ def test_loss_is_sum_of_terms_with_fairseq_scaling():
     result = objective.compute(out, idx)
     assert isinstance(result, LossOutput)
     assert result.loss.dtype == torch.float32 and result.loss.dim() == 0
-    assert result.sample_size.item() == B * M == result.logs["num_masked"]
+    assert result.sample_size == B * M == result.logs["num_masked"]
     logits = contrastive_logits(out["pred"], out["targets"], idx, cfg.logit_temp, out["codes"])
     nce = F.cross_entropy(logits.view(B * M, -1), torch.zeros(B * M, dtype=torch.long), reduction="sum")
     diversity = (out["num_vars"] - out["prob_perplexity"]) / out["num_vars"]

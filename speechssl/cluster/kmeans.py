@@ -147,6 +147,8 @@ def greedy_kmeans_plusplus(x: Tensor, k: int, generator: torch.Generator,
     whose addition gives the lowest total potential. A step costs one ``(N, D) x (D, L)`` product, so
     ``x`` in bf16 halves its memory traffic (the norms and the potentials stay fp32).
     Same algorithm and sampling as ``sklearn.cluster.kmeans_plusplus``; not the same random numbers.
+    Every pick stays on the device (1-element index tensors, never a Python int): on a GPU the host
+    queues all ``k`` steps without waiting for one.
     """
     N, D = x.shape
     if N < k:
@@ -155,8 +157,9 @@ def greedy_kmeans_plusplus(x: Tensor, k: int, generator: torch.Generator,
     dev = x.device
     x_sqnorm = x.float().pow(2).sum(1)
     idx = torch.empty(k, dtype=torch.long, device=dev)
-    idx[0] = torch.randint(N, (1,), generator=generator, device=dev)
-    closest = (x_sqnorm + x_sqnorm[idx[0]] - 2.0 * (x @ x[idx[0]]).float()).clamp_(min=0.0)  # (N,)
+    idx[:1] = torch.randint(N, (1,), generator=generator, device=dev)
+    first = x.index_select(0, idx[:1])[0]  # (D,)
+    closest = (x_sqnorm + x_sqnorm.index_select(0, idx[:1]) - 2.0 * (x @ first).float()).clamp_(min=0.0)  # (N,)
     for c in range(1, k):
         cum = torch.cumsum(closest, 0, dtype=torch.float64)
         r = torch.rand(L, generator=generator, device=dev, dtype=torch.float64) * cum[-1]
@@ -164,9 +167,9 @@ def greedy_kmeans_plusplus(x: Tensor, k: int, generator: torch.Generator,
         d = (x @ x[cand].T).float()  # (N, L): one pass over x, row-major
         d.mul_(-2.0).add_(x_sqnorm[:, None]).add_(x_sqnorm[cand][None, :])
         torch.minimum(d, closest[:, None], out=d)  # potential if each candidate were added
-        best = torch.argmin(d.sum(0))
-        closest = d[:, best].clamp(min=0.0)
-        idx[c] = cand[best]
+        best = torch.argmin(d.sum(0)).view(1)
+        closest = d.index_select(1, best)[:, 0].clamp(min=0.0)
+        idx[c : c + 1] = cand.index_select(0, best)
     return idx
 
 

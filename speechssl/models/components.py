@@ -333,7 +333,7 @@ class ConvFeatureExtractor(nn.Module):
     def forward(self, source: Tensor) -> Tensor:
         if source.dim() != 2:
             raise ValueError(f"expected a (batch, samples) waveform, got shape {tuple(source.shape)}")
-        if int(self.output_lengths(torch.tensor(source.shape[1]))) < 1:
+        if self.num_frames(source.shape[1]) < 1:
             raise ValueError(f"input of {source.shape[1]} samples is shorter than the conv stack's receptive "
                              "field; drop such inputs (task.min_sample_size)")
         if source.device.type == "cpu":
@@ -364,6 +364,12 @@ class ConvFeatureExtractor(nn.Module):
         for _, kernel, stride in self.spec:
             lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
         return lengths.clamp(min=0)
+
+    def num_frames(self, samples: int) -> int:
+        """:meth:`output_lengths` of one host integer, in Python."""
+        for _, kernel, stride in self.spec:
+            samples = (samples - kernel) // stride + 1
+        return max(samples, 0)
 
 
 class FeatureProjection(nn.Module):

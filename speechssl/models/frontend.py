@@ -75,7 +75,7 @@ class FbankFeatureExtractor(nn.Module):
     def forward(self, source: Tensor) -> Tensor:
         if source.dim() != 2:
             raise ValueError(f"expected a (batch, samples) waveform, got shape {tuple(source.shape)}")
-        L = int(self.output_lengths(torch.tensor(source.shape[1])))
+        L = self.num_frames(source.shape[1])
         if L < 1:
             raise ValueError(f"input of {source.shape[1]} samples is shorter than the log-mel front-end's "
                              f"{self.window_size + (self.stack - 1) * self.shift} samples; drop such inputs "
@@ -87,6 +87,10 @@ class FbankFeatureExtractor(nn.Module):
         """Number of stacked frames for inputs of ``lengths`` samples (any integer tensor shape; >= 0)."""
         frames = torch.div(lengths - self.window_size, self.shift, rounding_mode="floor") + 1
         return torch.div(frames.clamp(min=0), self.stack, rounding_mode="floor")
+
+    def num_frames(self, samples: int) -> int:
+        """:meth:`output_lengths` of one host integer, in Python."""
+        return max((samples - self.window_size) // self.shift + 1, 0) // self.stack
 
     def extra_repr(self) -> str:
         return f"num_mel_bins={self.num_mel_bins}, stack={self.stack}, stride={self.stride}"

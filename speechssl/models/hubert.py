@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from speechssl.config import BASE_CONV_LAYERS, ModelConfig
 from speechssl.models.components import Dropout, FeatureProjection, TransformerEncoder
 from speechssl.models.frontend import build_feature_extractor
+from speechssl.models.masking import mask_positions
 from speechssl.models.wav2vec2 import Wav2Vec2Model, _check_config
 
 
@@ -67,6 +68,9 @@ class HubertModel(nn.Module):
     feature_penalty = Wav2Vec2Model.feature_penalty
     extract_conv_features = Wav2Vec2Model.extract_conv_features
     apply_mask = Wav2Vec2Model.apply_mask
+    random_mask = Wav2Vec2Model.random_mask
+    frame_counts = Wav2Vec2Model.frame_counts
+    check_mask = Wav2Vec2Model.check_mask
 
     def __init__(self, cfg: ModelConfig, sample_rate: int = 16000):
         super().__init__()
@@ -135,7 +139,8 @@ class HubertModel(nn.Module):
     def forward(self, source: Tensor, padding_mask: Optional[Tensor] = None, mask: bool = True,
                 features_only: bool = False, output_layer: Optional[int] = None,
                 mask_indices: Optional[Tensor] = None,
-                target_list: Optional[Sequence[Tensor]] = None) -> dict[str, Any]:
+                target_list: Optional[Sequence[Tensor]] = None,
+                skip_nomask: Optional[bool] = None) -> dict[str, Any]:
         """Run the model.
 
         Args:
@@ -148,6 +153,8 @@ class HubertModel(nn.Module):
                 to the targets).
             target_list: one ``(B, N_i)`` int64 label tensor per label set at ``model.label_rate``
                 (values in ``[0, K_i)``, negative = no label); required unless ``features_only``.
+            skip_nomask: no logits at unmasked frames (default ``model.skip_nomask``); the HuBERT objective
+                asks for it when ``criterion.pred_nomask_weight`` is 0, so they are not computed for nothing.
 
         Returns a dict with the keys of :meth:`Wav2Vec2Model.forward` with ``features_only``: ``x``
         ``(B, L, D)``, ``padding_mask`` ``(B, L)`` or None, ``layer_results``, ``conv_features``
@@ -175,11 +182,25 @@ class HubertModel(nn.Module):
         features_pen = self.feature_penalty(conv)
         frame_pad = self.frame_padding_mask(padding_mask, conv.shape[1])
         x, features = self.feature_projection(conv)
+        covered = None
         if mask:
+            if mask_indices is None:
+                mask_indices, covered = self.random_mask(x.shape[:2], frame_pad, x.device)
             x, mask_indices = self.apply_mask(x, frame_pad, mask_indices)
         else:
             mask_indices = None
+        scored = {}
+        if not features_only:
+            skip_nomask = self.cfg.skip_nomask if skip_nomask is None else skip_nomask
+            scored = self.scored_frames(frame_pad, mask_indices, target_list, x.shape[:2], skip_nomask)
+        counts = None
+        if covered is not None or scored:  # read once the encoder is queued
+            frames = mask_indices if mask_indices is not None else torch.zeros(x.shape[:2], dtype=torch.bool,
+                                                                               device=x.device)
+            counts = self.frame_counts(frames, covered, *(sel.sum() for sel in scored.values()))
         x, layer_results = self.encoder(x, frame_pad, output_layer)
+        if covered is not None:
+            self.check_mask(counts.get(), x.shape[0])
         out: dict[str, Any] = {
             "x": x, "padding_mask": frame_pad, "layer_results": layer_results, "conv_features": conv,
             "features_pen": features_pen, "mask_indices": mask_indices,
@@ -187,28 +208,41 @@ class HubertModel(nn.Module):
         if features_only:
             out["features"] = self.dropout_features(features)
             return out
-        return self._pretraining_outputs(out, target_list)
+        totals = dict(zip(scored, counts.get()[2 * x.shape[0]:]))
+        return self._pretraining_outputs(out, target_list, scored, totals)
 
-    def _pretraining_outputs(self, out: dict[str, Any], target_list: Sequence[Tensor]) -> dict[str, Any]:
+    def scored_frames(self, frame_pad: Optional[Tensor], mask_indices: Optional[Tensor],
+                      target_list: Sequence[Tensor], shape: torch.Size, skip_nomask: bool) -> dict[str, Tensor]:
+        """The frames that get logits, ``(B, L)`` bool per kind: ``m`` masked, ``u`` unmasked (unless skipped);
+        only valid frames with a label (>= 0) in every label set."""
+        valid = torch.ones(shape, dtype=torch.bool, device=target_list[0].device)
+        if frame_pad is not None:
+            valid &= ~frame_pad
+        for t in target_list:
+            valid &= t >= 0
+        masked = mask_indices if mask_indices is not None else torch.zeros_like(valid)
+        scored = {}
+        if not self.cfg.skip_masked:
+            scored["m"] = valid & masked
+        if not skip_nomask:
+            scored["u"] = valid & ~masked
+        return scored
+
+    def _pretraining_outputs(self, out: dict[str, Any], target_list: Sequence[Tensor], scored: dict[str, Tensor],
+                             totals: dict[str, int]) -> dict[str, Any]:
+        """Logits and labels at the ``scored`` frames (``totals``: how many of each kind, host values),
+        gathered in row-major order as ``x[sel]`` would, without its host sync."""
         cfg, x = self.cfg, out["x"]
-        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        if out["padding_mask"] is not None:
-            valid &= ~out["padding_mask"]
-        masked = out["mask_indices"]
-        if masked is None:
-            masked = torch.zeros_like(valid)
         n_sets = len(target_list)
-        for kind, skip, where in (("m", cfg.skip_masked, masked), ("u", cfg.skip_nomask, ~masked)):
+        for kind in ("m", "u"):
             logits, targets = [None] * n_sets, [None] * n_sets
-            if not skip:
-                sel = valid & where
-                for t in target_list:
-                    sel = sel & (t >= 0)
-                proj = self.final_proj(x[sel])
+            if kind in scored:
+                index = mask_positions(scored[kind].reshape(-1), totals[kind])  # (N,) flat frame indices
+                proj = self.final_proj(x.reshape(-1, x.shape[-1]).index_select(0, index))
                 chunks = proj.chunk(n_sets, dim=-1) if cfg.untie_final_proj else [proj] * n_sets
                 for i, t in enumerate(target_list):
                     logits[i] = self.label_logits(chunks[i], i)
-                    targets[i] = t[sel]
+                    targets[i] = t.reshape(-1).index_select(0, index)
             out[f"logit_{kind}_list"], out[f"target_{kind}_list"] = logits, targets
         return out
 

@@ -16,14 +16,22 @@ so masking runs on the model's device without per-utterance Python loops. The di
 5. ``mask_dropout`` (default 0): unmask ``round(count * mask_dropout)`` random masked frames per row.
 
 fairseq's ``no_overlap=True`` (a sequential rejection algorithm) is not provided.
+
+No step reads a device value on the host (which would make the host wait for the device): bounds are
+host-side, the subset sizes stay tensors, and a row with every valid frame masked is reported from host
+counts (:func:`check_covered`), either right away (:func:`compute_mask_indices`) or by the caller of
+:func:`span_mask` from values it reads anyway (the models, after queueing the Transformer: see
+:class:`~speechssl.utils.device.HostCopy`).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from speechssl.utils.device import HostCopy
 
 MASK_TYPES = ("static", "uniform", "normal", "poisson")
 
@@ -44,12 +52,25 @@ def _span_lengths(mask_type: str, shape: tuple[int, int], mask_length: int, mask
     raise ValueError(f"mask selection must be one of {MASK_TYPES}, got '{mask_type}'")
 
 
-def _keep_random_subset(mask: Tensor, k: Tensor | int, generator: Optional[torch.Generator]) -> Tensor:
-    """Keep ``k`` (per row, or one int) uniformly chosen True entries of each row of ``mask``."""
+def _keep_random_subset(mask: Tensor, k: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """Keep ``k`` (a tensor on ``mask``'s device: per row, or one value) uniformly chosen True entries of
+    each row of ``mask``."""
     keys = torch.rand(mask.shape, device=mask.device, generator=generator).masked_fill(~mask, 2.0)
     rank = keys.argsort(dim=1).argsort(dim=1)
-    k = torch.as_tensor(k, device=mask.device).reshape(-1, 1)
-    return mask & (rank < k)
+    return mask & (rank < k.reshape(-1, 1))
+
+
+def check_covered(covered: Sequence[int], mask_length: int, min_masks: int) -> None:
+    """Raise ValueError for the rows whose every valid frame the spans covered (host values of
+    :func:`span_mask`'s ``covered``: a row's valid frames when covered, -1 otherwise): the utterances are
+    too short for the masking settings."""
+    bad = [b for b, v in enumerate(covered) if v >= 0]
+    if bad:
+        raise ValueError(
+            f"masking would cover every frame of rows {bad} (valid frames {[covered[b] for b in bad]}, mask_length "
+            f"{mask_length}, min_masks {min_masks}): the inputs are too short; drop them "
+            "(task.min_sample_size) or lower model.mask_length"
+        )
 
 
 def compute_mask_indices(
@@ -72,8 +93,35 @@ def compute_mask_indices(
         device: where to build the mask (default: ``padding_mask``'s device, else CPU).
         generator: a ``torch.Generator`` on that device for reproducible masks (default: global RNG).
 
-    Raises ValueError when a row would be masked entirely (fairseq does the same): the utterance is
-    too short for ``mask_length`` / ``min_masks``; drop such inputs (``task.min_sample_size``).
+    Raises ValueError when the spans cover every valid frame of a row (fairseq raises too): the utterance
+    is too short for ``mask_length`` / ``min_masks``; drop such inputs (``task.min_sample_size``). That
+    check reads a result on the host; :func:`span_mask` leaves it to the caller.
+    """
+    mask, covered = span_mask(shape, padding_mask, mask_prob, mask_length, mask_type, mask_other, min_masks,
+                              require_same_masks, mask_dropout, device, generator)
+    check_covered(HostCopy(covered).get(), mask_length, min_masks)
+    return mask
+
+
+def span_mask(
+    shape: tuple[int, int],
+    padding_mask: Optional[Tensor],
+    mask_prob: float,
+    mask_length: int,
+    mask_type: str = "static",
+    mask_other: float = 0.0,
+    min_masks: int = 0,
+    require_same_masks: bool = True,
+    mask_dropout: float = 0.0,
+    device: Optional[torch.device | str] = None,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`compute_mask_indices` without a host read: ``(mask, covered)``, ``covered`` ``(B,)`` int64 the
+    number of valid frames of each row whose valid frames the spans covered entirely (before
+    ``require_same_masks`` / ``mask_dropout``), -1 for the other rows; :func:`check_covered` raises for them.
+
+    ``require_same_masks`` draws its subset with the generator whenever ``B > 1``, also when the rows
+    already have equal counts (it then leaves them unchanged): whether they do is not known on the host.
     """
     if mask_type not in MASK_TYPES:
         raise ValueError(f"mask selection must be one of {MASK_TYPES}, got '{mask_type}'")
@@ -84,7 +132,7 @@ def compute_mask_indices(
         device = padding_mask.device
     device = torch.device(device) if device is not None else torch.device("cpu")
     if mask_prob <= 0 or B == 0 or L == 0:
-        return torch.zeros(B, L, dtype=torch.bool, device=device)
+        return torch.zeros(B, L, dtype=torch.bool, device=device), torch.full((B,), -1, device=device)
 
     def rand(*size: int) -> Tensor:
         return torch.rand(size, device=device, generator=generator, dtype=torch.float64)
@@ -112,8 +160,8 @@ def compute_mask_indices(
     keys = rand(B, W).masked_fill(torch.arange(W, device=device) >= starts_range[:, None], 2.0)
     starts = keys.topk(N, dim=1, largest=False).indices  # (B, N), random order
 
-    max_len = mask_length if mask_type == "static" else (
-        2 * mask_length if mask_type == "uniform" else max(int(lengths.max()), 1))
+    # host-side bound on the span length: positions past the row's valid frames are dropped anyway
+    max_len = mask_length if mask_type == "static" else 2 * mask_length if mask_type == "uniform" else L
     offsets = torch.arange(max_len, device=device)
     pos = starts[:, :, None] + offsets  # (B, N, max_len)
     valid = (offsets < lengths[:, :, None]) & (pos < sz[:, None, None])
@@ -121,18 +169,21 @@ def compute_mask_indices(
     mask = torch.zeros(B, L + 1, dtype=torch.bool, device=device).scatter_(1, pos, True)[:, :L]
 
     counts = mask.sum(dim=1)
-    fewest, most, full = torch.stack([counts.min(), counts.max(), (counts >= sz).any()]).tolist()
-    if full:
-        bad = (counts >= sz).nonzero().flatten().tolist()
-        raise ValueError(
-            f"masking would cover every frame of rows {bad} (valid frames {sz[bad].tolist()}, mask_length "
-            f"{mask_length}, min_masks {min_masks}): the inputs are too short; drop them "
-            "(task.min_sample_size) or lower model.mask_length"
-        )
-    if require_same_masks and most > fewest:
-        mask = _keep_random_subset(mask, fewest, generator)
-        counts = torch.full_like(counts, fewest)
+    covered = torch.where(counts >= sz, sz, -1)
+    if require_same_masks and B > 1:
+        counts = counts.min().expand(B)
+        mask = _keep_random_subset(mask, counts, generator)
     if mask_dropout > 0:
         holes = (counts.double() * mask_dropout).round().long()
         mask = mask & ~_keep_random_subset(mask, holes, generator)
-    return mask
+    return mask, covered
+
+
+def mask_positions(mask: Tensor, count: int) -> Tensor:
+    """Indices ``(..., count)`` of the first ``count`` True entries along the last dim of ``mask``, ascending.
+
+    With ``count`` the (host-known) number of True entries per row, ``x.gather`` / ``index_select`` at these
+    indices equals boolean-mask indexing ``x[mask]`` (row-major order) without its host-device sync: a
+    stable descending sort puts the True entries first, in order.
+    """
+    return mask.to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices[..., :count]

@@ -11,8 +11,13 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def _one_hot(idx: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """``F.one_hot(idx, num_classes).to(dtype)`` by a scatter: ``F.one_hot`` reads ``idx.min()`` / ``idx.max()``
+    on the host to check them (on the CPU; a scatter of an index out of range fails anyway)."""
+    return torch.zeros(*idx.shape, num_classes, dtype=dtype, device=idx.device).scatter_(-1, idx.unsqueeze(-1), 1.0)
 
 
 class _StraightThroughLookup(torch.autograd.Function):
@@ -35,7 +40,7 @@ class _StraightThroughLookup(torch.autograd.Function):
         codebook, idx = ctx.saved_tensors
         g = grad.float().transpose(0, 1)  # (G, N, d)
         grad_soft = torch.bmm(g, codebook.float().transpose(1, 2)).transpose(0, 1)  # (N, G, V)
-        onehot = F.one_hot(idx, ctx.num_vars).to(g.dtype).permute(1, 2, 0)  # (G, V, N)
+        onehot = _one_hot(idx, ctx.num_vars, g.dtype).permute(1, 2, 0)  # (G, V, N)
         grad_codebook = torch.bmm(onehot, g).to(codebook.dtype)  # (G, V, d)
         return grad_soft, grad_codebook, None
 
@@ -113,7 +118,7 @@ class GumbelVectorQuantizer(nn.Module):
                 # fairseq: the argmax of the logits before the gumbel noise, in training too. The sampled
                 # codes follow the softmax (their perplexity tracks prob_perplexity), so they would hide
                 # a codebook whose argmax uses a handful of entries.
-                code_ppl = _perplexity(_average(F.one_hot(hard_idx, V).float(), weights))
+                code_ppl = _perplexity(_average(_one_hot(hard_idx, V, torch.float32), weights))
             prob_ppl = _perplexity(_average(logits.softmax(dim=-1), weights))
         return {
             "x": q.reshape(*lead, -1),

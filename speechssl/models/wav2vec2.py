@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from speechssl.config import BASE_CONV_LAYERS, ModelConfig
 from speechssl.models.components import Dropout, FeatureProjection, GradMultiply, TransformerEncoder
 from speechssl.models.frontend import build_feature_extractor
-from speechssl.models.masking import compute_mask_indices
+from speechssl.models.masking import check_covered, compute_mask_indices, mask_positions, span_mask
 from speechssl.models.quantizer import GumbelVectorQuantizer
+from speechssl.utils.device import HostCopy
 
 # fairseq options this implementation does not provide; each must keep its default.
 _UNSUPPORTED = {
@@ -106,8 +107,9 @@ class Wav2Vec2Model(nn.Module):
             self.quantizer.set_num_updates(num_updates)
 
     def frame_padding_mask(self, padding_mask: Optional[Tensor], num_frames: int) -> Optional[Tensor]:
-        """Sample-level ``(B, T)`` padding mask (True = padded) -> frame-level ``(B, L)``, or None if nothing
-        is padded. Two rules (``model.frame_padding``, see :func:`frame_padding_rule`):
+        """Sample-level ``(B, T)`` padding mask (True = padded) -> frame-level ``(B, L)``; None for None (the
+        collater gives None when no item is padded; testing a device mask for "nothing padded" would make
+        the host wait for the device). Two rules (``model.frame_padding``, see :func:`frame_padding_rule`):
 
         * ``conv_length`` (wav2vec 2.0; torchaudio, transformers): a frame is valid iff it lies within the
           conv output length of the valid samples;
@@ -116,7 +118,7 @@ class Wav2Vec2Model(nn.Module):
           ``min(L, ceil(n / (T // L)))`` valid frames for ``n`` valid samples, usually one more than the
           conv rule (BASE: 16,000 of 32,000 samples -> 50 valid frames, conv rule 49).
         """
-        if padding_mask is None or not bool(padding_mask.any()):
+        if padding_mask is None:
             return None
         if frame_padding_rule(self.cfg) == "all_samples":
             B, T = padding_mask.shape
@@ -142,11 +144,25 @@ class Wav2Vec2Model(nn.Module):
             return conv.new_zeros((), dtype=torch.float32)
         return conv.float().pow(2).mean()
 
+    def random_mask(self, shape: torch.Size, padding_mask: Optional[Tensor],
+                    device: torch.device) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Random span mask ``(B, L)`` of the model's settings and its ``covered`` rows (see
+        :func:`~speechssl.models.masking.span_mask`; checked by :meth:`check_mask`), or ``(None, None)``
+        when ``model.mask_prob`` is 0. Nothing is read on the host."""
+        cfg = self.cfg
+        if cfg.mask_prob <= 0:
+            return None, None
+        return span_mask(tuple(shape), padding_mask, cfg.mask_prob, cfg.mask_length, cfg.mask_selection,
+                         cfg.mask_other, min_masks=2, require_same_masks=cfg.require_same_masks,
+                         mask_dropout=cfg.mask_dropout, device=device)
+
     def apply_mask(self, x: Tensor, padding_mask: Optional[Tensor],
                    mask_indices: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Replace masked frames of ``x (B, L, D)`` by ``mask_emb``; zero masked channels (fine-tuning).
 
-        ``mask_indices`` ``(B, L)`` bool overrides the random span mask. Returns ``(x, mask_indices)``.
+        ``mask_indices`` ``(B, L)`` bool overrides the random span mask (which, made here, is checked on the
+        host at once; ``forward`` makes it with :meth:`random_mask` and checks it later). Returns
+        ``(x, mask_indices)``.
         """
         cfg = self.cfg
         B, L, D = x.shape
@@ -159,12 +175,25 @@ class Wav2Vec2Model(nn.Module):
         if mask_indices is not None:
             x = torch.where(mask_indices.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
         if cfg.mask_channel_prob > 0:
-            channels = compute_mask_indices(
+            channels, _ = span_mask(  # a channel mask that covers every channel only zeroes the input
                 (B, D), None, cfg.mask_channel_prob, cfg.mask_channel_length, cfg.mask_channel_selection,
                 cfg.mask_channel_other, device=x.device,
             )
             x = x.masked_fill(channels.unsqueeze(1), 0.0)
         return x, mask_indices
+
+    def frame_counts(self, mask_indices: Tensor, covered: Optional[Tensor], *extra: Tensor) -> HostCopy:
+        """Masked frames of every utterance, ``covered`` (:meth:`random_mask`; -1s for None), then the 0-d
+        counts ``extra``: one host copy started now and read later (``2 * B + len(extra)`` values; reading
+        them after the encoder is queued costs no device time, see :class:`HostCopy`)."""
+        counts = mask_indices.sum(dim=1)
+        covered = torch.full_like(counts, -1) if covered is None else covered
+        return HostCopy(torch.cat([counts, covered, *(e.reshape(1) for e in extra)]))
+
+    def check_mask(self, counts: list[int], batch_size: int) -> None:
+        """ValueError when the random mask covered every valid frame of an utterance (``counts``: the values
+        of :meth:`frame_counts`)."""
+        check_covered(counts[batch_size : 2 * batch_size], self.cfg.mask_length, min_masks=2)
 
     # ---------------------------------------------------------------------------------------------
 
@@ -198,11 +227,19 @@ class Wav2Vec2Model(nn.Module):
         frame_pad = self.frame_padding_mask(padding_mask, conv.shape[1])
         x, features = self.feature_projection(conv)
         features = self.dropout_features(features)
+        covered = None
         if mask:
+            if mask_indices is None:
+                mask_indices, covered = self.random_mask(x.shape[:2], frame_pad, x.device)
             x, mask_indices = self.apply_mask(x, frame_pad, mask_indices)
         else:
             mask_indices = None
+        counts = None
+        if mask_indices is not None and (covered is not None or not features_only):
+            counts = self.frame_counts(mask_indices, covered)  # read once the encoder is queued
         x, layer_results = self.encoder(x, frame_pad, output_layer)
+        if covered is not None:
+            self.check_mask(counts.get(), x.shape[0])
         out: dict[str, Any] = {
             "x": x, "padding_mask": frame_pad, "layer_results": layer_results, "conv_features": conv,
             "features": features, "features_pen": features_pen, "mask_indices": mask_indices,
@@ -211,18 +248,18 @@ class Wav2Vec2Model(nn.Module):
             return out
         if mask_indices is None:
             raise ValueError("pretraining outputs need masked frames: call with mask=True and model.mask_prob > 0")
-        return self._pretraining_outputs(out)
+        return self._pretraining_outputs(out, counts.get()[: x.shape[0]])
 
-    def _pretraining_outputs(self, out: dict[str, Any]) -> dict[str, Any]:
+    def _pretraining_outputs(self, out: dict[str, Any], masked: list[int]) -> dict[str, Any]:
+        """Heads at the masked frames; ``masked``: masked frames per utterance (host values)."""
         x, features, mask_indices = out["x"], out["features"], out["mask_indices"]
-        B = x.shape[0]
-        counts = mask_indices.sum(dim=1)
-        fewest, most = torch.stack([counts.min(), counts.max()]).tolist()
+        fewest, most = min(masked), max(masked)
         if fewest != most:
             raise ValueError(f"utterances have different numbers of masked frames ({fewest}..{most}); "
                              "wav2vec 2.0 pretraining needs model.require_same_masks=true")
-        y = features[mask_indices].view(B, fewest, -1)
-        out["pred"] = self.final_proj(x[mask_indices].view(B, fewest, -1))
+        index = mask_positions(mask_indices, fewest).unsqueeze(-1)  # (B, M, 1): x[mask] without a host sync
+        y = features.gather(1, index.expand(-1, -1, features.shape[-1]))
+        out["pred"] = self.final_proj(x.gather(1, index.expand(-1, -1, x.shape[-1])))
         out.update(codes=None, code_perplexity=None, prob_perplexity=None, num_vars=None, temp=None)
         if self.quantizer is not None:
             q = self.quantizer(y)

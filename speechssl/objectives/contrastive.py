@@ -133,4 +133,4 @@ class Wav2Vec2Criterion:
         if diversity is not None:
             logs.update(diversity=diversity.detach(), code_perplexity=out["code_perplexity"].detach(),
                         prob_perplexity=out["prob_perplexity"].detach(), temp=out["temp"])
-        return LossOutput(loss=loss, sample_size=torch.tensor(sample_size, device=loss.device), logs=logs)
+        return LossOutput(loss=loss, sample_size=sample_size, logs=logs)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from speechssl.decode.greedy import count_emitted, greedy_decode
 from speechssl.decode.metrics import utterance_errors
 from speechssl.objectives.output import LossOutput
-from speechssl.text.vocab import BLANK, PAD, Vocabulary
+from speechssl.text.vocab import BLANK, Vocabulary
 
 
 class CtcCriterion:
@@ -46,11 +46,12 @@ class CtcCriterion:
         target, target_lengths = batch["target"], batch["target_lengths"]
         with torch.autocast(logits.device.type, enabled=False):
             lprobs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (L, B, V)
-            flat = target[target != PAD]
-            loss = F.ctc_loss(lprobs, flat, lengths, target_lengths, blank=BLANK, reduction="sum",
+            # the padded (B, S) targets as they are: ctc_loss reads the first target_lengths[b] of row b (the
+            # same loss as the concatenated valid symbols, whose boolean selection would wait for the device)
+            loss = F.ctc_loss(lprobs, target, lengths, target_lengths, blank=BLANK, reduction="sum",
                               zero_infinity=self.zero_infinity)
         ntokens = target_lengths.sum()
-        sample_size = torch.tensor(len(target_lengths), device=loss.device) if self.sentence_avg else ntokens
+        sample_size = len(target_lengths) if self.sentence_avg else ntokens
         with torch.no_grad():
             ids = logits.argmax(dim=-1)
             emitted = count_emitted(ids, lengths)

@@ -10,7 +10,10 @@ fairseq's ``hubert`` criterion (``fairseq/criterions/hubert_criterion.py``), in 
 ``pred_nomask_weight > 0``); the trainer divides the summed loss by it. Logs (per frame, nats):
 ``loss_m`` / ``loss_u`` (summed over label sets, per unit of sample size), ``accuracy`` = correct / count
 over the masked frames of every label set (the health monitor compares it with chance, 1/K), and
-``accuracy_unmasked`` the same over unmasked frames when they are predicted (averaged per batch).
+``accuracy_unmasked`` the same over unmasked frames when they are predicted (averaged per batch). With
+``pred_nomask_weight`` 0 (HuBERT's setting) the model is asked for no unmasked logits at all (fairseq
+computes them for its log only), so there is no ``loss_u`` / ``accuracy_unmasked`` then. Frame counts and
+``sample_size`` are host integers (the shapes of the gathered logits): nothing waits for the device.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ class HubertCriterion:
         if "target_list" not in batch:
             raise ValueError("the HuBERT objective needs batch['target_list'] (label tensors): use "
                              "task.name=hubert_pretraining with task.labels=[km]")
-        out = model(batch["source"], padding_mask=batch.get("padding_mask"), target_list=batch["target_list"])
+        out = model(batch["source"], padding_mask=batch.get("padding_mask"), target_list=batch["target_list"],
+                    skip_nomask=True if self.pred_nomask_weight <= 0 else None)
         return self.compute(out)
 
     def compute(self, out: Mapping[str, Any]) -> LossOutput:
@@ -99,4 +103,4 @@ class HubertCriterion:
         if loss_u is not None:
             logs["loss_u"] = loss_u.detach() / denom
             logs["accuracy_unmasked"] = correct_u.float() / max(count_u, 1)
-        return LossOutput(loss=loss, sample_size=torch.tensor(sample_size, device=device), logs=logs)
+        return LossOutput(loss=loss, sample_size=sample_size, logs=logs)

@@ -11,7 +11,9 @@ An update (:meth:`Trainer.train_step`):
    on which global micro-batch is processed, not on the number of processes or on a resume -- run the
    objective under autocast and backpropagate the summed loss (DDP gradient sync on the last micro-batch
    only);
-2. all-reduce the loss, sample size and logs over ranks (one collective, one host sync);
+2. all-reduce the loss, sample size and logs over ranks (one collective, one host sync; until then
+   values known on the host stay Python numbers and device values stay on the device, so a micro-batch
+   never waits for the device);
 3. scale the gradients by ``world_size / total sample_size`` (DDP averages over ranks, so the result is
    sum over all frames / total frames, as fairseq), clip to ``optimization.clip_norm``;
 4. skip the update if the loss or the gradient norm is not finite (fp16: the loss scaler lowers its
@@ -152,17 +154,28 @@ class Trainer:
             out = self.objective(model, batch)
         return out, out.loss.float()
 
-    def _log_vector(self, out: Any, loss: torch.Tensor, batch: dict[str, Any], keys: list[str]) -> torch.Tensor:
-        """[loss, sample_size, audio_samples, nsentences, *logs] as float64 on the device; logs weighted."""
-        dev = self.env.device
-        ss = torch.as_tensor(out.sample_size, device=dev).double()
-        vals = [loss.detach().double(), ss,
-                torch.tensor(float(batch.get("audio_samples", 0)), dtype=torch.float64, device=dev),
-                torch.tensor(float(len(batch["source"])), dtype=torch.float64, device=dev)]
+    @staticmethod
+    def _log_values(out: Any, loss: torch.Tensor, batch: dict[str, Any], keys: list[str]) -> list[Any]:
+        """[loss, sample_size, audio_samples, nsentences, *logs] of one micro-batch, logs weighted by the
+        sample size: each a float64 device tensor or a host float, as the objective gave it. Nothing is copied
+        to the device here (``torch.tensor(x, device=cuda)`` would wait for the device)."""
+
+        def value(v: Any) -> Any:
+            return v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+
+        ss = value(out.sample_size)
+        vals = [value(loss), ss, float(batch.get("audio_samples", 0)), float(len(batch["source"]))]
         for k in keys:
-            v = torch.as_tensor(out.logs[k], device=dev).detach().double()
+            v = value(out.logs[k])
             vals.append(v if k in SUM_KEYS else v * ss)
-        return torch.stack(vals)
+        return vals
+
+    def _vector(self, values: list[Any]) -> torch.Tensor:
+        """``values`` (device tensors and host floats) as one float64 vector on the device, without waiting
+        for the device: a host float becomes a ``torch.full`` (the value is a kernel argument, not a copy)."""
+        dev = self.env.device
+        return torch.stack([v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else
+                            torch.full((), v, dtype=torch.float64, device=dev) for v in values])
 
     @staticmethod
     def _stats(totals: list[float], keys: list[str]) -> dict[str, float]:
@@ -189,9 +202,9 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             if keys is None:
                 keys = sorted(out.logs)
-            vec = self._log_vector(out, loss, batch, keys)
-            acc = vec if acc is None else acc + vec
-        stats = self._stats(all_reduce_sum(acc).tolist(), keys)
+            vals = self._log_values(out, loss, batch, keys)
+            acc = vals if acc is None else [a + v for a, v in zip(acc, vals)]
+        stats = self._stats(all_reduce_sum(self._vector(acc)).tolist(), keys)  # the update's one host sync
         lr = self.lr()
         stats.update(lr=lr, skipped=False, grad_norm=float("nan"))
         if not math.isfinite(stats["loss"]):
@@ -257,10 +270,10 @@ class Trainer:
             seed = micro_batch_seed(self.cfg.common.seed, VALID_STREAM, i * self.env.world_size + self.env.rank)
             out, loss = self._forward(batch, seed, self.model)
             keys = keys or sorted(out.logs)
-            vec = self._log_vector(out, loss, batch, keys)
-            acc = vec if acc is None else acc + vec
+            vals = self._log_values(out, loss, batch, keys)
+            acc = vals if acc is None else [a + v for a, v in zip(acc, vals)]
             n += 1
-        local = (keys, acc.tolist()) if acc is not None else None
+        local = (keys, self._vector(acc).tolist()) if acc is not None else None
         parts = [p for p in all_gather_object(local) if p is not None]
         if not parts:
             return None
