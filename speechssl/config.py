@@ -62,6 +62,7 @@ class CommonConfig:
     # not in fairseq:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False  # torch.use_deterministic_algorithms, for exact-resume checks
+    compile: bool = False  # torch.compile each Transformer layer (dynamic shapes; the rest stays eager)
 
 
 @dataclass

@@ -81,9 +81,18 @@ def build_pretraining(cfg):
     )
     return TrainingSetup(
         model=model, objective=objective, train_data=train, valid_data=valid, health=health,
-        find_unused_parameters=cfg.distributed_training.find_unused_parameters or m.encoder_layerdrop > 0,
+        find_unused_parameters=may_leave_parameters_unused(cfg),
         probe=pretraining_probe(cfg),
     )
+
+
+def may_leave_parameters_unused(cfg) -> bool:
+    """Whether a pretraining step can leave a parameter without gradient, so that DDP must look for them
+    (``find_unused_parameters``, an extra pass over the graph every step): LayerDrop skipping a layer, or a
+    conv extractor frozen by ``feature_grad_mult: 0``; or the recipe asks for it."""
+    m = cfg.model
+    frozen_extractor = m.feature_grad_mult == 0 and m.extractor_mode != "fbank"
+    return cfg.distributed_training.find_unused_parameters or m.encoder_layerdrop > 0 or frozen_extractor
 
 
 def pretraining_probe(cfg):
@@ -150,7 +159,7 @@ def build_hubert_pretraining(cfg):
     return TrainingSetup(
         model=model, objective=objective, train_data=train, valid_data=valid,
         collate=LabelCollater(dictionaries, t.label_rate, t.sample_rate, pad=t.enable_padding), health=health,
-        find_unused_parameters=cfg.distributed_training.find_unused_parameters or m.encoder_layerdrop > 0,
+        find_unused_parameters=may_leave_parameters_unused(cfg),
         probe=pretraining_probe(cfg),
         summary=[f"labels: {', '.join(t.labels)} from {label_dir}, {num_classes} classes, {t.label_rate:g} labels/s "
                  f"(chance accuracy {1.0 / min(num_classes):.3f})"],

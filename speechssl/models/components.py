@@ -500,6 +500,18 @@ class TransformerLayer(nn.Module):
         return self.final_layer_norm(x + self._ffn(x))
 
 
+def compile_transformer_layers(model: nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` every :class:`TransformerLayer` of ``model`` in place (``dynamic=True``: batch size and
+    length vary from batch to batch), as ``common.compile: true`` does. Returns the number of layers.
+
+    Only the layers: the extractor, masking, quantizer and heads have data-dependent shapes and stay eager;
+    LayerDrop decides outside the layers. Parameter names and the state dict do not change."""
+    layers = [m for m in model.modules() if isinstance(m, TransformerLayer)]
+    for layer in layers:
+        layer.compile(dynamic=True, backend=backend)
+    return len(layers)
+
+
 def init_bert_params(module: nn.Module) -> None:
     """fairseq's ``init_bert_params`` for the encoder: Linear weights ~ N(0, 0.02), biases 0."""
     if isinstance(module, nn.Linear):

@@ -46,6 +46,7 @@ from speechssl.models.components import Dropout, FeatureProjection, TransformerE
 from speechssl.models.frontend import build_feature_extractor
 from speechssl.models.masking import mask_positions
 from speechssl.models.wav2vec2 import Wav2Vec2Model, _check_config
+from speechssl.utils.device import fp32_matmul
 
 
 class HubertModel(nn.Module):
@@ -125,14 +126,14 @@ class HubertModel(nn.Module):
         return features, [t[:, idx] for t in target_list]
 
     def label_logits(self, proj: Tensor, set_index: int) -> Tensor:
-        """Class logits ``(N, K_i)`` fp32: cosine of ``proj (N, final_dim)`` with label set ``i``'s
-        embeddings, divided by ``logit_temp``."""
+        """Class logits ``(N, K_i)`` in IEEE fp32 (never TF32): cosine of ``proj (N, final_dim)`` with label
+        set ``i``'s embeddings, divided by ``logit_temp``."""
         start = sum(self.num_classes[:set_index])
         emb = self.label_embs_concat[start : start + self.num_classes[set_index]]
         with torch.autocast(device_type=proj.device.type, enabled=False):
             p = F.normalize(proj.float(), dim=-1, eps=1e-8)
             e = F.normalize(emb.float(), dim=-1, eps=1e-8)
-            return (p @ e.t()) / self.cfg.logit_temp
+            return fp32_matmul(p, e.t()) / self.cfg.logit_temp
 
     # ---------------------------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 ``G`` groups x ``V`` entries; each group picks one codevector of dim ``vq_dim / G`` and the picks are
 concatenated. Selection is by index (``codebook[g, idx]``), never by multiplying a one-hot with the whole
 codebook: the straight-through gradient (hard one-hot forward, soft gumbel-softmax backward) is written
-out in :class:`_StraightThroughLookup`, which costs two small batched matmuls in backward.
+out in :class:`_StraightThroughLookup`, which costs two small batched matmuls in backward (IEEE fp32, never
+TF32). ``weight_proj`` runs in the model's precision (autocast's bf16 / fp16, as in fairseq's fp16 runs);
+everything after it in fp32.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+
+from speechssl.utils.device import ieee_fp32
 
 
 def _one_hot(idx: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -39,9 +43,10 @@ class _StraightThroughLookup(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         codebook, idx = ctx.saved_tensors
         g = grad.float().transpose(0, 1)  # (G, N, d)
-        grad_soft = torch.bmm(g, codebook.float().transpose(1, 2)).transpose(0, 1)  # (N, G, V)
-        onehot = _one_hot(idx, ctx.num_vars, g.dtype).permute(1, 2, 0)  # (G, V, N)
-        grad_codebook = torch.bmm(onehot, g).to(codebook.dtype)  # (G, V, d)
+        with ieee_fp32():
+            grad_soft = torch.bmm(g, codebook.float().transpose(1, 2)).transpose(0, 1)  # (N, G, V)
+            onehot = _one_hot(idx, ctx.num_vars, g.dtype).permute(1, 2, 0)  # (G, V, N)
+            grad_codebook = torch.bmm(onehot, g).to(codebook.dtype)  # (G, V, d)
         return grad_soft, grad_codebook, None
 
 

@@ -6,7 +6,8 @@ fairseq semantics (``Wav2Vec2Model.sample_negatives`` / ``compute_preds`` and th
 * for each masked frame, K distractors are drawn uniformly, with replacement, from the OTHER M - 1
   masked targets of the same utterance (draw from ``[0, M - 1)`` and shift indices ``>= self`` by one,
   so the positive itself is never drawn);
-* logits = cosine(pred, [positive, distractors]) / logit_temp in fp32; distractors identical to the
+* logits = cosine(pred, [positive, distractors]) / logit_temp in IEEE fp32 (never TF32: the 1 / logit_temp
+  scaling would amplify its error, see :func:`~speechssl.utils.device.fp32_matmul`); distractors identical to the
   positive are set to -inf (fairseq's ``neg_is_pos``; identity is decided on the quantizer codes, which
   is exact, instead of comparing float vectors);
 * loss = SUM over masked frames of cross-entropy (positive = class 0)
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechssl.objectives.output import LossOutput
+from speechssl.utils.device import fp32_matmul
 
 
 def sample_negatives(num_utterances: int, num_targets: int, num_negatives: int,
@@ -60,7 +62,7 @@ def contrastive_logits(pred: Tensor, targets: Tensor, negative_indices: Tensor, 
     with torch.autocast(device_type=pred.device.type, enabled=False):
         p = F.normalize(pred.float(), dim=-1, eps=1e-8)
         t = F.normalize(targets.float(), dim=-1, eps=1e-8)
-        sim = torch.bmm(p, t.transpose(1, 2))  # (B, M, M): sim[b, i, j] = cos(pred_i, target_j)
+        sim = fp32_matmul(p, t.transpose(1, 2))  # (B, M, M): sim[b, i, j] = cos(pred_i, target_j); never TF32
         positive = sim.diagonal(dim1=1, dim2=2).unsqueeze(-1)
         logits = torch.cat([positive, sim.gather(2, negative_indices)], dim=-1) / logit_temp
     if codes is None:  # ids shared exactly by identical vectors

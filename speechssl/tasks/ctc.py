@@ -104,6 +104,7 @@ def build_ctc_finetuning(cfg: Config):
 
     if not cfg.task.enable_padding:
         raise ConfigError("CTC fine-tuning reads whole utterances: set task.enable_padding=true")
+    check_deterministic(cfg)
     if cfg.criterion.name != "ctc":
         raise ConfigError(f"task.name=audio_finetuning needs criterion.name=ctc, got '{cfg.criterion.name}'")
     vocab = build_vocabulary(cfg)
@@ -125,9 +126,27 @@ def build_ctc_finetuning(cfg: Config):
         model=model, objective=CtcCriterion(vocab, cfg.criterion.zero_infinity, cfg.optimization.sentence_avg,
                                                 blank_alarm_update=blank_alarm_start(cfg)),
         train_data=train, valid_data=valid, collate=CtcCollater(vocab), health=health,
-        find_unused_parameters=True,  # frozen upstream / LayerDrop leave parameters without gradient
-        summary=summary,
+        find_unused_parameters=may_leave_parameters_unused(cfg.model), summary=summary,
     )
+
+
+def may_leave_parameters_unused(m) -> bool:
+    """Whether a CTC fine-tuning step can leave a parameter of the model ``m`` (its ModelConfig) without
+    gradient, so that DDP must look for them every step: the upstream frozen for the first updates,
+    LayerDrop, or no time masking (``mask_emb`` unused). The extractor frozen by ``feature_grad_mult: 0``
+    has ``requires_grad`` off: DDP does not wait for it."""
+    return m.freeze_finetune_updates > 0 or m.encoder_layerdrop > 0 or not (m.apply_mask and m.mask_prob > 0)
+
+
+def check_deterministic(cfg: Config) -> None:
+    """``common.deterministic`` with CTC on CUDA is refused: torch's ``ctc_loss`` has no deterministic CUDA
+    backward, so ``torch.use_deterministic_algorithms`` would stop the run at its first update."""
+    from speechssl.train import distributed
+
+    if cfg.common.deterministic and distributed.select_device(cfg.common).type == "cuda":
+        raise ConfigError("common.deterministic=true cannot hold for CTC fine-tuning on CUDA: torch's ctc_loss has "
+                          "no deterministic CUDA backward (the run would stop at its first update). Set "
+                          "common.deterministic=false, or fine-tune on the CPU (common.device=cpu)")
 
 
 def blank_alarm_start(cfg: Config) -> int:

@@ -106,11 +106,16 @@ class Trainer:
                  find_unused_parameters: bool = False):
         self.cfg, self.env = cfg, env
         self.model = model.to(env.device)
+        if cfg.common.compile:
+            from speechssl.models.components import compile_transformer_layers
+
+            compile_transformer_layers(self.model)
         self.objective = objective.to(env.device) if isinstance(objective, nn.Module) else objective
         self.wrapped: nn.Module = self.model
         if env.distributed:
+            # gradients as views of DDP's buckets: no copy into the buckets, no second gradient buffer
             self.wrapped = _DDP(self.model, device_ids=[env.device] if env.device.type == "cuda" else None,
-                                find_unused_parameters=find_unused_parameters)
+                                find_unused_parameters=find_unused_parameters, gradient_as_bucket_view=True)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.optimization.lr)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.schedule = build_lr_schedule(cfg)
@@ -124,7 +129,10 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
-        elif env.device.type == "cuda":
+        elif env.device.type == "cuda" and self.amp_dtype is None:
+            # fp32 training: TF32 matmuls and convolutions. Under autocast the network's matmuls are bf16 /
+            # fp16 already and TF32 would only touch the parts kept in fp32 on purpose, so it stays off; the
+            # losses' logits never use it (utils.device.fp32_matmul)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.num_updates = 0
