@@ -1,4 +1,4 @@
-"""Benchmark one wav2vec 2.0 BASE pretraining step on CPU against transformers and torchaudio.
+"""Benchmark one wav2vec 2.0 BASE pretraining step against transformers and torchaudio, on CPU or CUDA.
 
 A step = forward + backward + AdamW step on a batch of --batch x --seconds of 16 kHz audio, for:
 
@@ -15,14 +15,19 @@ are medians over --steps after --warmup steps; throughput is audio seconds per s
 autocast (forward under autocast, as a trainer does) are measured. Every implementation uses the same
 fused AdamW. OMP_WAIT_POLICY defaults to PASSIVE here (see below).
 
---memory runs each implementation and precision in its own subprocess and reports its peak RSS
-(``VmHWM``) and the growth over the RSS before the first step (activations + optimizer state).
+--device cuda runs the models on the GPU: timers after ``torch.cuda.synchronize()``, memory as
+``torch.cuda.max_memory_allocated`` (--memory), the profiler with CUDA activity (sorted by device time).
+
+--memory runs each implementation and precision in its own subprocess and reports its peak memory (CPU:
+RSS, ``VmHWM``; CUDA: ``max_memory_allocated``) and the growth over the memory before the first step
+(activations + optimizer state).
 --profile prints the torch.profiler op table of the named implementations' steps.
 --phases splits speechssl's step: conv extractor (fwd+bwd), feature projection + Transformer (fwd+bwd,
 from fixed conv features), the rest (masking, quantizer, negatives, loss: the difference to a full step)
 and the optimizer step.
 
   python tools/bench_pretrain_step.py [--steps 5] [--warmup 2] [--threads 2] [--memory] [--profile speechssl]
+  python tools/bench_pretrain_step.py --device cuda --batch 5 --seconds 15.625 --precisions bf16 --memory
 """
 
 from __future__ import annotations
@@ -53,35 +58,47 @@ from speechssl.objectives import build_objective  # noqa: E402
 IMPLS = ("speechssl", "transformers", "torchaudio")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device (CUDA) so that a host timer reads what it ran."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Step(abc.ABC):
     """One implementation's training step, timed by phase (forward incl. loss, backward, optimizer)."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model.train()
+    def __init__(self, model: torch.nn.Module, device: torch.device = torch.device("cpu")):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6,
                                            weight_decay=0.01, fused=True)
 
     @abc.abstractmethod
     def loss(self, source: torch.Tensor) -> torch.Tensor:
-        """Scalar training loss of this implementation for ``source`` (B, T)."""
+        """Scalar training loss of this implementation for ``source`` (B, T) on the step's device."""
 
     def __call__(self, source: torch.Tensor, bf16: bool) -> dict[str, float]:
+        sync = lambda: synchronize(self.device)  # noqa: E731
+        sync()
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
             loss = self.loss(source)
+        sync()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        sync()
         t3 = time.perf_counter()
         return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
 
 
 class SpeechsslStep(Step):
-    def __init__(self, layerdrop: float):
-        cfg = dataclasses.replace(wav2vec2_base_config(), encoder_layerdrop=layerdrop)
-        super().__init__(build_model(cfg))
+    def __init__(self, layerdrop: float, device: torch.device = torch.device("cpu"), cfg=None):
+        cfg = cfg or dataclasses.replace(wav2vec2_base_config(), encoder_layerdrop=layerdrop)
+        super().__init__(build_model(cfg), device)
         self.objective = build_objective(CriterionConfig(), cfg)
 
     def loss(self, source):
@@ -90,15 +107,18 @@ class SpeechsslStep(Step):
 
 
 class TransformersStep(Step):
-    def __init__(self, layerdrop: float):
+    """transformers' Wav2Vec2ForPreTraining with its own numpy mask and negative sampling (on the host, as
+    its training example), moved to the device each step."""
+
+    def __init__(self, layerdrop: float, device: torch.device = torch.device("cpu"), cfg=None):
         import transformers
         from transformers.models.wav2vec2 import modeling_wav2vec2 as hf
 
         self.hf = hf
-        cfg = dataclasses.replace(wav2vec2_base_config(), encoder_layerdrop=layerdrop)
+        cfg = cfg or dataclasses.replace(wav2vec2_base_config(), encoder_layerdrop=layerdrop)
         self.cfg = cfg
         config = transformers.Wav2Vec2Config(**transformers_config_kwargs(cfg))
-        super().__init__(transformers.Wav2Vec2ForPreTraining(config))
+        super().__init__(transformers.Wav2Vec2ForPreTraining(config), device)
         self.attn_implementation = config._attn_implementation
 
     def loss(self, source):
@@ -106,20 +126,21 @@ class TransformersStep(Step):
         L = int(self.model._get_feat_extract_output_lengths(torch.tensor(source.shape[1])))
         mask = self.hf._compute_mask_indices((B, L), self.cfg.mask_prob, self.cfg.mask_length, min_masks=2)
         negatives = self.hf._sample_negative_indices((B, L), self.cfg.num_negatives, mask)
-        mask = torch.from_numpy(mask)
-        out = self.model(source, mask_time_indices=mask, sampled_negative_indices=torch.from_numpy(negatives).long())
+        mask = torch.from_numpy(mask).to(source.device)
+        negatives = torch.from_numpy(negatives).long().to(source.device)
+        out = self.model(source, mask_time_indices=mask, sampled_negative_indices=negatives)
         return out.loss / mask.sum()
 
 
 class TorchaudioStep(Step):
-    def __init__(self, layerdrop: float):
+    def __init__(self, layerdrop: float, device: torch.device = torch.device("cpu"), cfg=None):
         import torchaudio
 
-        cfg = wav2vec2_base_config()
+        cfg = cfg or wav2vec2_base_config()
         super().__init__(torchaudio.models.wav2vec2_base(
             encoder_projection_dropout=cfg.dropout_input, encoder_attention_dropout=cfg.attention_dropout,
             encoder_ff_interm_dropout=cfg.activation_dropout, encoder_dropout=cfg.dropout,
-            encoder_layer_drop=layerdrop))
+            encoder_layer_drop=layerdrop), device)
 
     def loss(self, source):
         x, _ = self.model(source)
@@ -150,23 +171,29 @@ def peak_rss_bytes() -> int:
 def run_child(args) -> None:
     """--child: one implementation, one precision; print JSON with times and memory."""
     torch.manual_seed(args.seed)
-    step = BUILDERS[args.child](args.layerdrop)
-    source = torch.randn(args.batch, int(args.seconds * 16000))
-    before = rss_bytes()
+    device = torch.device(args.device)
+    step = BUILDERS[args.child](args.layerdrop, device)
+    source = torch.randn(args.batch, int(args.seconds * 16000), device=device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device) if cuda else rss_bytes()
     times = [step(source, args.child_bf16)["step"] for _ in range(args.warmup + args.steps)][args.warmup:]
-    peak = peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes()
     print(json.dumps({"rss_before": before, "peak_rss": peak, "step": statistics.median(times)}))
 
 
 def memory_report(args) -> None:
-    print(f"\npeak memory, one subprocess per implementation (load {load()}):")
-    print(f"{'impl':<13}{'precision':<10}{'peak RSS':>10}{'growth':>10}{'step s':>9}")
+    what = "max_memory_allocated" if args.device == "cuda" else "peak RSS"
+    print(f"\npeak memory ({what}), one subprocess per implementation (load {load()}):")
+    print(f"{'impl':<13}{'precision':<10}{'peak':>10}{'growth':>10}{'step s':>9}")
     results = {}
     for precision in args.precisions:
         for impl in args.impls:
             cmd = [sys.executable, __file__, "--child", impl, "--steps", str(max(2, args.steps // 2)),
                    "--warmup", "1", "--threads", str(args.threads), "--batch", str(args.batch),
-                   "--seconds", str(args.seconds), "--layerdrop", str(args.layerdrop), "--seed", str(args.seed)]
+                   "--seconds", str(args.seconds), "--layerdrop", str(args.layerdrop), "--seed", str(args.seed),
+                   "--device", args.device]
             if precision == "bf16":
                 cmd.append("--child-bf16")
             stdout = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -177,20 +204,31 @@ def memory_report(args) -> None:
     for precision in args.precisions:
         if ("speechssl", precision) in results and ("transformers", precision) in results:
             ours, ref = results[("speechssl", precision)], results[("transformers", precision)]
-            print(f"{precision}: speechssl / transformers peak RSS {ours['peak_rss'] / ref['peak_rss']:.2f}, "
+            print(f"{precision}: speechssl / transformers peak {ours['peak_rss'] / ref['peak_rss']:.2f}, "
                   f"growth {(ours['peak_rss'] - ours['rss_before']) / (ref['peak_rss'] - ref['rss_before']):.2f}")
 
 
-def profile_report(args, steps: dict, source: torch.Tensor) -> None:
-    from torch.profiler import ProfilerActivity, profile
+def profile_activities(device: torch.device) -> tuple[list, str]:
+    """torch.profiler activities for ``device`` and the column to sort its table by."""
+    from torch.profiler import ProfilerActivity
 
+    if device.type == "cuda":
+        return [ProfilerActivity.CPU, ProfilerActivity.CUDA], "self_device_time_total"
+    return [ProfilerActivity.CPU], "self_cpu_time_total"
+
+
+def profile_report(args, steps: dict, source: torch.Tensor) -> None:
+    from torch.profiler import profile
+
+    activities, sort_by = profile_activities(source.device)
     for impl in args.profile:
         for precision in args.precisions:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=activities) as prof:
                 for _ in range(2):
                     steps[impl](source, precision == "bf16")
+                synchronize(source.device)
             print(f"\nprofile: {impl} {precision} (2 steps)")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+            print(prof.key_averages().table(sort_by=sort_by, row_limit=args.profile_rows))
 
 
 def phases_report(args, step: SpeechsslStep, source: torch.Tensor) -> None:
@@ -198,14 +236,16 @@ def phases_report(args, step: SpeechsslStep, source: torch.Tensor) -> None:
     features = model.feature_extractor(source).detach()
 
     def extractor(bf16: bool) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(source.device.type, dtype=torch.bfloat16, enabled=bf16):
             y = model.extract_conv_features(source)
         y.float().pow(2).mean().backward()
+        synchronize(source.device)
 
     def encoder(bf16: bool) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(source.device.type, dtype=torch.bfloat16, enabled=bf16):
             y, _ = model.encoder(model.feature_projection(features)[0])
         y.float().pow(2).mean().backward()
+        synchronize(source.device)
 
     print(f"\nspeechssl step by phase, min of {args.steps} (load {load()}):")
     for precision in args.precisions:
@@ -213,6 +253,7 @@ def phases_report(args, step: SpeechsslStep, source: torch.Tensor) -> None:
         best: dict[str, float] = {}
         for _ in range(args.steps):
             for name, fn in (("extractor", extractor), ("encoder", encoder)):
+                synchronize(source.device)
                 t0 = time.perf_counter()
                 fn(bf16)
                 best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
@@ -242,6 +283,7 @@ def main() -> None:
     ap.add_argument("--profile-rows", type=int, default=20)
     ap.add_argument("--phases", action="store_true", help="split speechssl's step into phases")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--child-bf16", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -254,10 +296,12 @@ def main() -> None:
         memory_report(args)
         return
     torch.manual_seed(args.seed)
-    steps = {impl: BUILDERS[impl](args.layerdrop) for impl in args.impls}
-    source = torch.randn(args.batch, int(args.seconds * 16000))
+    device = torch.device(args.device)
+    steps = {impl: BUILDERS[impl](args.layerdrop, device) for impl in args.impls}
+    source = torch.randn(args.batch, int(args.seconds * 16000), device=device)
     audio = args.batch * args.seconds
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x {args.seconds} s, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} threads"
+    print(f"torch {torch.__version__}, {where}, batch {args.batch} x {args.seconds} s, "
           f"layerdrop {args.layerdrop}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     if "transformers" in steps:
         print(f"transformers attention implementation: {steps['transformers'].attn_implementation}")
