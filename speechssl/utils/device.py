@@ -38,7 +38,8 @@ class HostCopy:
         tensor = tensor.detach()
         self._event = None
         if tensor.device.type == "cuda":
-            self._host = tensor.to("cpu", non_blocking=True)  # pinned destination: a truly async copy
+            # a pinned destination (the caching host allocator's): the copy is asynchronous
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
         else:
