@@ -145,8 +145,9 @@ def _pair(cfg):
     return cpu, dev
 
 
-def test_wav2vec2_loss_and_gradients_on_device_equal_cpu():
-    cfg = wav2vec2_tiny_config()
+@pytest.mark.parametrize("front_end", ["default", "fbank"])
+def test_wav2vec2_loss_and_gradients_on_device_equal_cpu(front_end):
+    cfg = dataclasses.replace(wav2vec2_tiny_config(), extractor_mode=front_end)
     cpu, dev = _pair(cfg)
     objective = build_objective(CriterionConfig(), cfg)
     source, pad = torch.randn(3, 8000), padding([8000, 6400, 7200], 8000)
@@ -160,8 +161,9 @@ def test_wav2vec2_loss_and_gradients_on_device_equal_cpu():
         neg = sample_negatives(3, out["pred"].shape[1], cfg.num_negatives, generator=torch.Generator().manual_seed(1))
         res = objective.compute(out, neg.to(s.device))
         res.loss.backward()
-        results.append((res.loss, out["pred"], out["targets"], model.encoder.layers[0].fc1.weight.grad,
-                        model.quantizer.weight_proj.weight.grad, model.feature_extractor.conv_layers[0].conv.weight.grad))
+        grads = [p.grad for p in (model.encoder.layers[0].fc1.weight, model.quantizer.weight_proj.weight,
+                                  *model.feature_extractor.parameters())]
+        results.append((res.loss, out["pred"], out["targets"], *grads))
     for a, b in zip(*results):
         close(a, b, 1e-3)
 
