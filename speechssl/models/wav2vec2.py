@@ -217,6 +217,9 @@ class Wav2Vec2Model(nn.Module):
         Unless ``features_only``, also: ``pred`` and ``targets`` ``(B, M, final_dim)`` at the ``M`` masked
         frames of each utterance (row-major order), ``codes`` ``(B, M, G)`` quantizer indices (None without
         quantizer), ``code_perplexity``, ``prob_perplexity``, ``num_vars``, ``temp``.
+
+        On a GPU the host reads one thing, once the encoder is queued: the masked-frame counts
+        (:meth:`frame_counts`), which size the outputs and check the mask.
         """
         if source.dim() != 2:
             raise ValueError(f"source must be (batch, samples), got shape {tuple(source.shape)}")
