@@ -78,7 +78,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
         if hasattr(args, "overrides") and all(OVERRIDE.match(a) for a in extra):
             args.overrides = list(args.overrides) + extra
         else:
-            sub.error(f"unrecognized arguments: {' '.join(a for a in extra if not OVERRIDE.match(a)) or ' '.join(extra)}")
+            sub.error(f"unrecognized arguments: {' '.join(a for a in extra if not OVERRIDE.match(a))}")
     return args
 
 

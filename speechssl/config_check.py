@@ -34,7 +34,9 @@ MODELS = ("wav2vec2", "hubert")
 CRITERIA = ("wav2vec", "hubert", "ctc", "speaker_id")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("polynomial_decay", "tri_stage", "cosine", "fixed")
-EXTRACTOR_MODES = ("default", "group_norm", "layer_norm")
+EXTRACTOR_MODES = ("default", "group_norm", "layer_norm", "fbank")
+FRAME_PADDING = ("auto", "all_samples", "conv_length")
+WEIGHT_DECAY_SCOPES = ("matrices", "all")
 ACTIVATIONS = ("gelu", "relu")
 MASK_SELECTIONS = ("static", "uniform", "normal", "poisson")
 POOLINGS = ("mean", "attentive")
@@ -98,7 +100,7 @@ RANGES: dict[str, dict[str, Rule]] = {
     "task": {
         "name": one_of(*TASKS), "labels": each(non_empty), "label_rate": unset_or_positive,
         "sample_rate": at_least(1), "max_sample_size": optional(at_least(1), "no crop"),
-        "min_sample_size": optional(at_least(0), "keep every utterance"),
+        "min_sample_size": optional(at_least(0), "keep every utterance"), "vocab_blank_id": at_least(0),
     },
     "dataset": {
         "num_workers": at_least(0), "max_tokens": optional(at_least(1), "batches by dataset.batch_size only"),
@@ -112,6 +114,7 @@ RANGES: dict[str, dict[str, Rule]] = {
     },
     "optimizer": {
         "name": one_of(*OPTIMIZERS), "adam_betas": each(fraction), "adam_eps": above(0), "weight_decay": at_least(0),
+        "weight_decay_scope": one_of(*WEIGHT_DECAY_SCOPES),
     },
     "lr_scheduler": {
         "name": one_of(*SCHEDULES), "warmup_updates": at_least(0), "end_learning_rate": at_least(0),
@@ -129,6 +132,7 @@ RANGES: dict[str, dict[str, Rule]] = {
     },
     "model": {
         "name": one_of(*MODELS), "extractor_mode": one_of(*EXTRACTOR_MODES), "conv_feature_layers": conv_layers,
+        "fbank_num_mel_bins": at_least(1), "fbank_stack": at_least(1), "frame_padding": one_of(*FRAME_PADDING),
         "feature_grad_mult": at_least(0), "encoder_layers": at_least(1), "encoder_embed_dim": at_least(1),
         "encoder_ffn_embed_dim": at_least(1), "encoder_attention_heads": at_least(1),
         "activation_fn": one_of(*ACTIVATIONS), "dropout": fraction, "attention_dropout": fraction,
@@ -159,6 +163,13 @@ def receptive_field(layers: list[tuple[int, int, int]]) -> int:
     for _, kernel, stride in reversed(layers):
         n = (n - 1) * stride + kernel
     return n
+
+
+def shortest_input(m: Any) -> tuple[int, str]:
+    """``(samples, what)``: the fewest input samples the front-end of model config ``m`` makes a frame of."""
+    if m.extractor_mode == "fbank":  # 25 ms windows every 10 ms at 16 kHz, fbank_stack of them per frame
+        return 400 + (m.fbank_stack - 1) * 160, "of the log-mel front-end (model.fbank_stack windows)"
+    return receptive_field(m.conv_feature_layers), "the receptive field of model.conv_feature_layers"
 
 
 def _floats(value: Any) -> list[float]:
@@ -211,11 +222,11 @@ def _relations(cfg: Config) -> list[str]:
     if t.name == "audio_pretraining" and m.num_negatives < 1:
         problems.append(f"model.num_negatives={m.num_negatives}: wav2vec 2.0 pretraining needs >= 1 distractor")
     if t.max_sample_size is not None and t.max_sample_size >= 1:
-        if m.w2v_path is None and m.conv_feature_layers and min(min(layer) for layer in m.conv_feature_layers) >= 1:
-            field = receptive_field(m.conv_feature_layers)
-            if t.max_sample_size < field:
-                problems.append(f"task.max_sample_size={t.max_sample_size}: must be >= {field}, the receptive field "
-                                "of model.conv_feature_layers (one frame), or null (no crop)")
+        if m.w2v_path is None:  # fine-tuning from a checkpoint: its front-end, not the recipe's
+            shortest, what = shortest_input(m)
+            if t.max_sample_size < shortest:
+                problems.append(f"task.max_sample_size={t.max_sample_size}: must be >= {shortest}, {what} (one "
+                                "frame), or null (no crop)")
         if d.max_tokens is not None and t.max_sample_size > d.max_tokens >= 1:
             problems.append(f"task.max_sample_size={t.max_sample_size} exceeds dataset.max_tokens={d.max_tokens}: "
                             "one crop would not fit in a batch; lower task.max_sample_size or raise dataset.max_tokens")

@@ -8,7 +8,7 @@ import pytest
 from speechssl import config_check
 from speechssl.cli import main
 from speechssl.config import RECIPE_DIR, SECTIONS, ConfigError, load_config
-from speechssl.config_check import RANGES, receptive_field
+from speechssl.config_check import RANGES, shortest_input
 from train_fixtures import make_corpus, tiny_recipe
 
 RECIPES = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
@@ -20,11 +20,16 @@ OUT_OF_RANGE = [
     ("optimization.lr=inf", "optimization.lr=inf: must be a finite number"),
     ("dataset.num_workers=-3", "dataset.num_workers=-3: must be >= 0"),
     ("model.mask_prob=2.0", "model.mask_prob=2.0: must be in [0, 1)"),
-    ("model.encoder_embed_dim=250", "model.encoder_embed_dim=250: must be divisible by model.encoder_attention_heads=4"),
+    ("model.encoder_embed_dim=250",
+     "model.encoder_embed_dim=250: must be divisible by model.encoder_attention_heads=4"),
     ("model.num_negatives=0", "model.num_negatives=0: wav2vec 2.0 pretraining needs >= 1 distractor"),
     ("model.mask_length=0", "model.mask_length=0: must be >= 1"),
     ("task.max_sample_size=0", "task.max_sample_size=0: must be >= 1, or null (no crop)"),
     ("task.max_sample_size=100", "task.max_sample_size=100: must be >= 330, the receptive field"),
+    ("model.extractor_mode=fbank task.max_sample_size=500", "task.max_sample_size=500: must be >= 560, of the "
+     "log-mel front-end"),
+    ("model.frame_padding=some", "model.frame_padding=some: must be one of auto, all_samples, conv_length"),
+    ("optimizer.weight_decay_scope=most", "optimizer.weight_decay_scope=most: must be one of matrices, all"),
     ("optimization.max_update=-5", "optimization.max_update=-5: must be >= 0"),
     ("dataset.batch_size=0", "dataset.batch_size=0: must be >= 1"),
     ("dataset.batch_size=-1", "dataset.batch_size=-1: must be >= 1"),
@@ -45,10 +50,10 @@ OUT_OF_RANGE = [
 @pytest.mark.parametrize("override, message", OUT_OF_RANGE)
 def test_out_of_range_settings_are_config_errors_naming_key_value_and_range(override, message, capsys):
     with pytest.raises(ConfigError) as err:
-        load_config("wav2vec2_tiny", [override])
+        load_config("wav2vec2_tiny", override.split())
     assert message in str(err.value)
     # the same one line from the command line, exit status 2, no traceback
-    assert main(["config", "wav2vec2_tiny", override]) == 2
+    assert main(["config", "wav2vec2_tiny", *override.split()]) == 2
     captured = capsys.readouterr()
     assert message in captured.err and "Traceback" not in captured.err + captured.out
 
@@ -78,7 +83,7 @@ def test_every_recipe_is_in_range():
 
 
 def test_every_setting_has_a_rule():
-    free = {"tensorboard_logdir", "data", "label_dir", "vocab", "spm_model", "w2v_path", "log_keys"}
+    free = {"tensorboard_logdir", "data", "label_dir", "vocab", "spm_model", "vocab_specials", "w2v_path", "log_keys"}
     for section, cls in SECTIONS.items():
         for key, tp in typing.get_type_hints(cls).items():
             if tp is not bool and key not in free:
@@ -88,29 +93,36 @@ def test_every_setting_has_a_rule():
 def test_name_sets_are_the_implementations():
     from speechssl.models import MODEL_NAMES
     from speechssl.models.components import ACTIVATIONS, EXTRACTOR_MODES
+    from speechssl.models.frontend import FBANK_MODE
     from speechssl.models.masking import MASK_TYPES
     from speechssl.models.speaker import POOLINGS
+    from speechssl.models.wav2vec2 import FRAME_PADDING_RULES
     from speechssl.objectives import OBJECTIVE_NAMES
+    from speechssl.train.optim import WEIGHT_DECAY_SCOPES
 
     assert set(config_check.MODELS) == set(MODEL_NAMES)
     assert set(config_check.ACTIVATIONS) == set(ACTIVATIONS)
-    assert set(config_check.EXTRACTOR_MODES) == set(EXTRACTOR_MODES)
+    assert set(config_check.EXTRACTOR_MODES) == {*EXTRACTOR_MODES, FBANK_MODE}
+    assert set(config_check.FRAME_PADDING) == set(FRAME_PADDING_RULES)
+    assert set(config_check.WEIGHT_DECAY_SCOPES) == set(WEIGHT_DECAY_SCOPES)
     assert set(config_check.MASK_SELECTIONS) == set(MASK_TYPES)
     assert set(config_check.POOLINGS) == set(POOLINGS)
     assert set(OBJECTIVE_NAMES) <= set(config_check.CRITERIA)
 
 
-def test_receptive_field():
+@pytest.mark.parametrize("mode", ["default", "fbank"])
+def test_shortest_input_is_the_front_ends(mode):
     import torch
 
-    from speechssl.models.components import ConvFeatureExtractor
+    from speechssl.config import ModelConfig
+    from speechssl.models.frontend import build_feature_extractor
 
-    layers = [(8, 20, 10), (8, 4, 4), (8, 2, 2)]
-    n = receptive_field(layers)
-    extractor = ConvFeatureExtractor(layers, "default", False)
-    assert extractor(torch.zeros(1, n)).shape[1] == 1  # (batch, frames, channels): one frame
+    cfg = ModelConfig(conv_feature_layers=[(8, 20, 10), (8, 4, 4), (8, 2, 2)], extractor_mode=mode, fbank_stack=3)
+    n, _ = shortest_input(cfg)
+    extractor = build_feature_extractor(cfg)
+    assert extractor(torch.randn(1, n)).shape[1] == 1  # (batch, frames, channels): one frame
     with pytest.raises(ValueError):
-        extractor(torch.zeros(1, n - 1))
+        extractor(torch.randn(1, n - 1))
 
 
 # --------------------------------------------------------------------------------------------------

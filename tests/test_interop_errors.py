@@ -57,8 +57,8 @@ def test_identify_tells_the_kinds_apart(files):
 def test_messages_give_the_exact_import_command(files, tmp_path):
     fs = not_a_checkpoint_message(files["fairseq"])
     assert fs == (f"{files['fairseq']} is a fairseq checkpoint (pretraining), not a speechssl checkpoint; convert it "
-                  f"first: speechssl import {files['fairseq']} --from fairseq --out {tmp_path / 'wav2vec_small.speechssl.pt'}"
-                  ", then use the .speechssl.pt file")
+                  f"first: speechssl import {files['fairseq']} --from fairseq --out "
+                  f"{tmp_path / 'wav2vec_small.speechssl.pt'}, then use the .speechssl.pt file")
     assert "--dict dict.ltr.txt" in not_a_checkpoint_message(files["fairseq_ctc"])
     hf = not_a_checkpoint_message(files["hf_bin"])
     assert f"speechssl import {files['hf_dir']} --from hf --out {tmp_path / 'wav2vec2-base.speechssl.pt'}" in hf

@@ -84,7 +84,8 @@ CASES: list[Case] = [
     Case("pretrain: negative workers", ["pretrain", TINY, "task.data={good}/manifest", "dataset.num_workers=-3",
                                         "checkpoint.save_dir={out}"], ["dataset.num_workers=-3"], 2),
     Case("pretrain: save_dir is a file", ["pretrain", TINY, "task.data={good}/manifest",
-                                          "checkpoint.save_dir={in}/a_file", *FAST], ["checkpoint.save_dir", "a_file"], 2),
+                                          "checkpoint.save_dir={in}/a_file", *FAST],
+         ["checkpoint.save_dir", "a_file"], 2),
     Case("pretrain: save_dir in /proc", ["pretrain", TINY, "task.data={good}/manifest",
                                          "checkpoint.save_dir=/proc/speechssl_run", *FAST],
          ["checkpoint.save_dir=/proc/speechssl_run"], 2),
@@ -94,7 +95,8 @@ CASES: list[Case] = [
                                               f"model.w2v_path={{in}}/{name}", "checkpoint.save_dir={out}", *FAST],
            [name, *expect])
       for what, name, expect in (
-          ("a fairseq checkpoint", "fairseq.pt", ["a fairseq checkpoint", "speechssl import {in}/fairseq.pt --from fairseq"]),
+          ("a fairseq checkpoint", "fairseq.pt",
+           ["a fairseq checkpoint", "speechssl import {in}/fairseq.pt --from fairseq"]),
           ("a transformers file", "hf/pytorch_model.bin", ["transformers", "speechssl import {in}/hf --from hf"]),
           ("truncated", "truncated.pt", ["truncated"]),
           ("empty", "empty.pt", ["empty"]),

@@ -459,7 +459,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="manifest folder to write (train.tsv, valid.tsv, labels, dicts)")
     p.add_argument("--check", metavar="DIR", help="validate the manifest folder DIR instead of building one")
     g = p.add_argument_group("splits")
-    g.add_argument("--valid-percent", type=number(0, 1, high_open=True), default=0.01, help="fraction (0.01 = 1%%) carved out for valid.tsv")
+    g.add_argument("--valid-percent", type=number(0, 1, high_open=True), default=0.01,
+                   help="fraction (0.01 = 1%%) carved out for valid.tsv")
     g.add_argument("--seed", type=NON_NEGATIVE, default=42, help="seed of the valid split and --train-seconds subset")
     g.add_argument("--split-by", choices=("utterance", "speaker"), default="utterance",
                    help="utterance: a share of each speaker's files (closed set); speaker: hold out whole speakers")
@@ -470,7 +471,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f = p.add_argument_group("filters and labels")
     f.add_argument("--min-seconds", type=number(0), default=0.1, help="skip files shorter than this")
     f.add_argument("--max-seconds", type=number(0, low_open=True), help="skip files longer than this")
-    f.add_argument("--target-sr", type=POSITIVE, default=16000, help="required sample rate (others skipped or converted)")
+    f.add_argument("--target-sr", type=POSITIVE, default=16000,
+                   help="required sample rate (others skipped or converted)")
     f.add_argument("--resample-to", metavar="DIR",
                    help="write 16-bit FLAC mono/--target-sr copies of mismatched files under DIR (symlinks for "
                    "the others) and list those")

@@ -19,7 +19,7 @@ import shlex
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 SCAN_LIMIT = 64 << 20  # bytes of pickle scanned (the pickle part of a checkpoint is small; tensors are apart)
 
@@ -100,7 +100,7 @@ def identify(path: str | Path) -> Identity:
             return Identity("torchaudio", "a torchaudio export folder", path)
         if list(path.glob("*.yaml")):
             return Identity("fairseq2", "a folder with a fairseq2 asset card", path)
-        return Identity("folder", "a folder, not a checkpoint file")
+        return Identity("folder", "a folder")
     size = path.stat().st_size
     if size == 0:
         return Identity("empty", "an empty file (0 bytes)")
@@ -171,8 +171,8 @@ def not_a_checkpoint_message(path: str | Path, what_for: str = "a speechssl chec
     if ident.kind in ("empty", "truncated"):
         return f"{msg}; it was probably cut short while copying or writing: copy it again or use another checkpoint"
     if ident.kind == "torch":
-        return (f"{msg}; another toolkit's checkpoint is converted first with 'speechssl import {shlex.quote(str(path))} "
-                "--from fairseq|hf|torchaudio|fairseq2 --out OUT.pt'")
+        return (f"{msg}; another toolkit's checkpoint is converted first with 'speechssl import "
+                f"{shlex.quote(str(path))} --from fairseq|hf|torchaudio|fairseq2 --out OUT.pt'")
     return f"{msg} (speechssl checkpoints are written by 'speechssl pretrain', 'finetune' and 'import')"
 
 
