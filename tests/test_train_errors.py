@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from speechssl.cli import main
-from speechssl.data.batching import batch_by_size
 from speechssl.train import metrics
 from speechssl.train.checkpoint import load_checkpoint
 from train_fixtures import make_corpus, tiny_recipe
@@ -47,13 +46,29 @@ def run(corpus, save_dir, *extra):
 # --------------------------------------------------------------------------------------------------
 
 
+BATCHER = """
+import numpy as np
+from speechssl.data.batching import batch_by_size
+sizes = np.array([100, 90, 80])
+for kwargs in ({"max_tokens": None, "max_sentences": 0}, {"max_tokens": 0}, {"max_tokens": 500, "max_sentences": -1}):
+    try:
+        batch_by_size(np.argsort(-sizes), sizes, **kwargs)
+    except ValueError as exc:
+        assert "must be >= 1" in str(exc), exc
+    else:
+        raise SystemExit(f"no error for {kwargs}")
+"""
+
+
+def limited_memory():
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # a batcher that piles up batches fails fast
+
+
 def test_batcher_refuses_sizes_below_one():
-    sizes = np.array([100, 90, 80])
-    order = np.argsort(-sizes)
-    for kwargs in ({"max_tokens": None, "max_sentences": 0}, {"max_tokens": 0},
-                   {"max_tokens": 500, "max_sentences": -1}):
-        with pytest.raises(ValueError, match="must be >= 1"):
-            batch_by_size(order, sizes, **kwargs)
+    # in a process of its own, under a timeout and a memory limit: the bug was a loop that never ends
+    res = subprocess.run([sys.executable, "-c", BATCHER], capture_output=True, text=True, env=env(), timeout=60,
+                         preexec_fn=limited_memory)
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("args", [
@@ -67,7 +82,8 @@ def test_batcher_refuses_sizes_below_one():
 def test_batch_size_zero_ends_with_an_error_not_a_hang(corpus, args):
     tmp, man, recipe = corpus
     args = [a.format(tmp=tmp, man=man, recipe=recipe) for a in args]
-    res = subprocess.run(cli(*args), capture_output=True, text=True, timeout=60, env=env())
+    res = subprocess.run(cli(*args), capture_output=True, text=True, timeout=60, env=env(),
+                         preexec_fn=limited_memory)
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr
     assert ("batch_size=" in res.stderr and "must be >= 1" in res.stderr) or "must be an integer >= 1" in res.stderr

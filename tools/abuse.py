@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -261,12 +261,20 @@ def expand(items: list[str], bad: Path, good: Path, out: Path) -> list[str]:
     return [s.format(**{"in": bad, "good": good, "out": out}) for s in items]
 
 
+def _limit_child_memory() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)  # a runaway command fails instead of taking the machine
+    limit = 16 << 30 if hard == resource.RLIM_INFINITY else min(16 << 30, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
 def run_subprocess(argv: list[str], timeout: float) -> tuple[Optional[int], str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_WAIT_POLICY": "PASSIVE"}
     try:
         res = subprocess.run([sys.executable, "-m", "speechssl", *argv], capture_output=True, text=True,
-                             timeout=timeout, cwd=REPO, env=env)
+                             timeout=timeout, cwd=REPO, env=env, preexec_fn=_limit_child_memory)
     except subprocess.TimeoutExpired as exc:
         text = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
         return None, text
@@ -277,9 +285,35 @@ class _Timeout(BaseException):
     pass
 
 
+MEMORY_HEADROOM = 6 << 30  # bytes an in-process case may add to the address space (a runaway loop fails fast)
+
+
+@contextlib.contextmanager
+def _memory_limit() -> Iterator[None]:
+    """Lower the soft RLIMIT_AS to the current size + :data:`MEMORY_HEADROOM` for the block (Linux)."""
+    import resource
+
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[0])
+    except OSError:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = pages * os.sysconf("SC_PAGE_SIZE") + MEMORY_HEADROOM
+    if hard != resource.RLIM_INFINITY and limit >= hard or soft != resource.RLIM_INFINITY and limit >= soft:
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def run_inprocess(argv: list[str], timeout: float) -> tuple[Optional[int], str]:
     """``speechssl.cli.main(argv)`` with stdout/stderr captured; an escaping exception is reported as a
-    traceback in the output (the check then fails), a command running past ``timeout`` as rc None."""
+    traceback in the output (the check then fails), a command running past ``timeout`` as rc None. A
+    memory limit keeps a runaway command (the batcher hang of issue 17) from taking the machine down."""
     import traceback
 
     from speechssl.cli import main
@@ -293,7 +327,7 @@ def run_inprocess(argv: list[str], timeout: float) -> tuple[Optional[int], str]:
     cwd = os.getcwd()
     try:
         os.chdir(REPO)
-        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), _memory_limit():
             try:
                 rc: Optional[int] = main(argv)
             except SystemExit as exc:  # argparse
