@@ -89,3 +89,32 @@ def test_killed_worker_restarts_resumes_and_finishes(tmp_path):
     # the survivor says what happened in one line instead of a traceback
     assert "lost the connection to another process" in out[0] + out[1]
     assert "Traceback" not in out[0] + out[1]
+
+
+def test_fresh_namespace_ignores_the_keys_of_earlier_workers():
+    """Three 'restarted' ranks (one late) agree on one new prefix although a dead generation left its join
+    ids, roster, acknowledgements and go in the store."""
+    import threading
+
+    import torch.distributed as dist
+
+    from speechssl.train.distributed import DistributedError, fresh_namespace
+
+    store = dist.HashStore()
+    for key, value in (("join/0", "a"), ("join/1", "b"), ("join/2", "c"), ("roster", "old a b c"), ("ack/1", "old"),
+                       ("ack/2", "old"), ("go", "old")):
+        store.set(f"speechssl/{key}", value)
+    names: dict[int, str] = {}
+
+    def rank(r: int, delay: float) -> None:
+        time.sleep(delay)
+        names[r] = fresh_namespace(store, r, 3, timeout=30, poll=0.005)
+
+    threads = [threading.Thread(target=rank, args=(r, d)) for r, d in ((0, 0.0), (1, 0.05), (2, 0.3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(names.values())) == 1 and names[0] != "old" and sorted(names) == [0, 1, 2]
+    with pytest.raises(DistributedError, match="rank 0: rank\\(s\\) 1 of 2 did not join within 0.2 s"):
+        fresh_namespace(dist.HashStore(), 0, 2, timeout=0.2, poll=0.01)

@@ -140,7 +140,7 @@ def fresh_namespace(store: dist.Store, rank: int, world_size: int, timeout: floa
         if time.monotonic() > deadline:
             raise DistributedError(
                 f"rank {rank}: rank(s) {', '.join(map(str, waiting))} of {world_size} did not join within "
-                f"{timeout:.0f} s; start the same command on every node (a lost node: let the scheduler requeue "
+                f"{timeout:g} s; start the same command on every node (a lost node: let the scheduler requeue "
                 "the job, it resumes from checkpoint_last.pt)")
         time.sleep(poll)
 
