@@ -69,11 +69,10 @@ def missing_audio(manifest: Manifest, threads: int = STAT_THREADS) -> list[int]:
     from concurrent.futures import ThreadPoolExecutor
 
     paths = [os.path.join(manifest.root, f) for f in manifest.files]
-    if len(paths) < 256:
-        exists = [os.path.isfile(p) for p in paths]
-    else:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            exists = list(pool.map(os.path.isfile, paths, chunksize=256))
+    chunk = 1024  # stats per task: a thread pool's per-task overhead would dominate a local disk's stat
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(chunks)))) as pool:  # stat releases the GIL
+        exists = [ok for part in pool.map(lambda ps: [os.path.isfile(p) for p in ps], chunks) for ok in part]
     return [i for i, ok in enumerate(exists) if not ok]
 
 
