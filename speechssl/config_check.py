@@ -42,6 +42,7 @@ MASK_SELECTIONS = ("static", "uniform", "normal", "poisson")
 POOLINGS = ("mean", "attentive")
 LOG_FORMATS = ("tqdm", "simple", "json")
 BACKENDS = ("auto", "nccl", "gloo")
+PROBE_TASKS = ("sid", "asr")
 
 
 def at_least(lo: float) -> Rule:
@@ -149,6 +150,10 @@ RANGES: dict[str, dict[str, Rule]] = {
         "codebook_negatives": at_least(0), "logit_temp": above(0), "num_classes": each(at_least(1)),
         "label_rate": unset_or_positive, "final_dropout": fraction, "freeze_finetune_updates": at_least(0),
         "projector_dim": at_least(0), "pooling": one_of(*POOLINGS),
+    },
+    "probe": {
+        "task": one_of(*PROBE_TASKS), "interval_updates": at_least(0), "updates": at_least(0),
+        "max_train_utterances": at_least(0), "seed": at_least(0),
     },
     "criterion": {
         "name": one_of(*CRITERIA), "loss_weights": each(at_least(0)), "pred_masked_weight": at_least(0),

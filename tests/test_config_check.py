@@ -105,6 +105,9 @@ def test_name_sets_are_the_implementations():
     assert set(config_check.EXTRACTOR_MODES) == {*EXTRACTOR_MODES, FBANK_MODE}
     assert set(config_check.FRAME_PADDING) == set(FRAME_PADDING_RULES)
     assert set(config_check.WEIGHT_DECAY_SCOPES) == set(WEIGHT_DECAY_SCOPES)
+    from speechssl.tasks.probe import TASKS
+
+    assert set(config_check.PROBE_TASKS) == set(TASKS)
     assert set(config_check.MASK_SELECTIONS) == set(MASK_TYPES)
     assert set(config_check.POOLINGS) == set(POOLINGS)
     assert set(OBJECTIVE_NAMES) <= set(config_check.CRITERIA)

@@ -159,6 +159,10 @@ CASES: list[Case] = [
     Case("kmeans: random bytes", ["kmeans", "{in}/random.pt", "--k", "4", "--out", "{out}/km.pt"], ["random.pt"]),
     Case("label: random k-means model", ["label", "{good}/manifest", "--features", "{in}/folder", "--km",
                                          "{in}/random.pt", "--out", "{out}"], ["random.pt", "k-means model"]),
+    Case("probe: fairseq checkpoint", ["probe", "{in}/fairseq.pt", "{good}/manifest", "--task", "sid"],
+         ["fairseq.pt", "--from fairseq"]),
+    Case("probe: --batch-size 0", ["probe", "fbank", "{good}/manifest", "--task", "asr", "--batch-size", "0"],
+         ["--batch-size"], 2),
     Case("plot: no run", ["plot", "{in}/folder"], ["metrics.jsonl"]),
     Case("spm: binary transcripts", ["spm", "train", "{in}/random.pt", "--out", "{out}/spm"], ["random.pt"]),
 ]
