@@ -8,6 +8,7 @@ Command modules import heavy dependencies (torch, librosa) inside ``run`` so ``-
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from speechssl import __version__
@@ -61,23 +62,43 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=module.DESCRIPTION, formatter_class=_Formatter)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[A-Za-z_]\w*=")  # section.key=value
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; ``section.key=value`` overrides may come anywhere, also after options
+    (``speechssl pretrain R --restart task.data=X``), in the order given."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = getattr(args, "_parser", parser)
+        if hasattr(args, "overrides") and all(OVERRIDE.match(a) for a in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            sub.error(f"unrecognized arguments: {' '.join(a for a in extra if not OVERRIDE.match(a))}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
     from speechssl.config import ConfigError
+    from speechssl.utils.io import os_error_message
 
     try:
         return int(args._run(args) or 0)
     except ConfigError as exc:
         print(f"speechssl {args.command}: config error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unwritable or full disk, a file where a folder belongs ...: one line, no traceback
+        print(f"speechssl {args.command}: {os_error_message(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"speechssl {args.command}: interrupted", file=sys.stderr)
         return 130

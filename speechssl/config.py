@@ -147,7 +147,7 @@ class CheckpointConfig:
     save_dir: str = "checkpoints"
     save_interval: int = 1  # epochs
     save_interval_updates: int = 0
-    keep_interval_updates: int = -1  # keep the last K update checkpoints (-1: all)
+    keep_interval_updates: int = -1  # keep the last K update checkpoints (-1 or 0: all, as fairseq)
     keep_last_epochs: int = -1
     keep_best_checkpoints: int = -1
     no_epoch_checkpoints: bool = False
@@ -491,21 +491,34 @@ def _resolve_base(name: str, relative_to: Path) -> Path:
     raise ConfigError(f"{relative_to}: base recipe '{name}' not found (looked in {relative_to.parent} and {RECIPE_DIR})")
 
 
+def find_recipe(name: str | Path) -> Path:
+    """A recipe path as given, else a name under ``recipes/`` (``wav2vec2_tiny`` or ``wav2vec2_tiny.yaml``)."""
+    path = Path(name)
+    candidates = [path]
+    if not path.is_absolute():  # a name under recipes/, or recipes/NAME from another folder than the repository's
+        candidates += [RECIPE_DIR / path, RECIPE_DIR.parent / path]
+    if path.suffix not in (".yaml", ".yml"):
+        candidates += [c.with_name(c.name + ".yaml") for c in candidates]
+    for cand in candidates:
+        if cand.is_file():
+            return cand
+    if path.is_dir():
+        raise ConfigError(f"recipe {path} is a folder; give a recipe file (.yaml)")
+    names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    raise ConfigError(f"recipe not found: {path} (a path, or a name under {RECIPE_DIR}: {', '.join(names)})")
+
+
 def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, dict[str, Any]]:
     """Read a recipe file and its ``base:`` chain; return merged, typed sections."""
-    path = Path(path)
-    if not path.is_file():
-        alt = RECIPE_DIR / path
-        if not path.is_absolute() and alt.is_file():
-            path = alt
-        else:
-            raise ConfigError(f"recipe not found: {path}")
+    path = find_recipe(path)
     path = path.resolve()
     if path in _seen:
         chain = " -> ".join(str(p) for p in _seen + (path,))
         raise ConfigError(f"recipe base chain loops: {chain}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a recipe is YAML)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     merged: dict[str, dict[str, Any]] = {}
@@ -549,7 +562,11 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
     sections = read_recipe(recipe) if recipe is not None else {}
     for section, body in parse_overrides(list(overrides or [])).items():
         sections.setdefault(section, {}).update(body)
-    return build_config(sections)
+    cfg = build_config(sections)
+    from speechssl.config_check import check_values
+
+    check_values(cfg)  # ranges: every command refuses the same values, before any work
+    return cfg
 
 
 def missing_keys(cfg: Config) -> list[str]:

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from speechssl.utils.args import NON_NEGATIVE, POSITIVE
+
 DESCRIPTION = """\
 Evaluate a fine-tuned checkpoint on a manifest split. For CTC checkpoints: decode every utterance of
 MANIFEST_DIR/<split>.tsv and score against <split>.wrd (WER/CER in percent, jiwer). Works on any manifest
@@ -48,25 +50,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="valid", help="split name: reads <split>.tsv and <split>.wrd")
     p.add_argument("--out", help="write report.json, utterances.tsv, hyp/ref files, per_speaker.tsv here")
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=POSITIVE, default=None,
                    help="utterances per batch (default: 1 for group-norm extractors, which normalise over the "
                    "padding too, so that scores do not depend on batching; else batches of --max-tokens)")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--max-tokens", type=POSITIVE, default=None,
                    help="audio samples per batch, padding included (default 1,600,000 where batching is exact)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g = p.add_argument_group("CTC decoding")
     g.add_argument("--decoder", choices=["greedy", "beam", "flashlight"], default="greedy")
-    g.add_argument("--beam-size", type=int, default=20, help="beam / flashlight: hypotheses kept per frame")
+    g.add_argument("--beam-size", type=POSITIVE, default=20, help="beam / flashlight: hypotheses kept per frame")
     g.add_argument("--lexicon", help="flashlight: lexicon file (WORD spelling per line) constraining the words")
     g.add_argument("--lm", help="flashlight: KenLM language model (ARPA or binary)")
     g.add_argument("--lm-weight", type=float, default=2.0, help="flashlight: language model weight")
     g.add_argument("--word-score", type=float, default=0.0, help="flashlight: score added per word")
     g = p.add_argument_group("speaker ID")
-    g.add_argument("--eer-trials", type=int, default=0,
+    g.add_argument("--eer-trials", type=NON_NEGATIVE, default=0,
                    help="verification: score this many trial pairs (half same-speaker) by cosine similarity of the "
                         "utterance embeddings and report the EER (0: off)")
     g.add_argument("--eer-split", help="split the trials are drawn from (default: --split; any speakers)")
-    g.add_argument("--eer-seed", type=int, default=0, help="seed of the trial draw")
+    g.add_argument("--eer-seed", type=NON_NEGATIVE, default=0, help="seed of the trial draw")
 
 
 class EvaluationError(ValueError):
@@ -87,14 +89,16 @@ def read_lines(path: Path) -> list[str]:
 
 def decode_split(model, vocab, dataset, device, decoder: str = "greedy", beam_size: int = 20,
                  max_tokens: Optional[int] = 1_600_000, batch_size: Optional[int] = None,
-                 flashlight=None) -> list[str]:
-    """Hypothesis text of every item of ``dataset`` (an AudioDataset with ``pad``), in dataset order."""
+                 flashlight=None, progress: bool = True) -> list[str]:
+    """Hypothesis text of every item of ``dataset`` (an AudioDataset with ``pad``), in dataset order;
+    ``progress``: a bar (terminal) or a line every 30 s with the utterances done and the ETA."""
     import torch
 
     from speechssl.data.batching import batch_by_size, ordered_indices
     from speechssl.data.dataset import collate
     from speechssl.decode.beam import beam_decode
     from speechssl.decode.greedy import greedy_decode
+    from speechssl.train.metrics import Progress
 
     sizes = dataset.sizes
     if max_tokens is not None and int(sizes.max()) > max_tokens:
@@ -105,7 +109,8 @@ def decode_split(model, vocab, dataset, device, decoder: str = "greedy", beam_si
     hyps: list[Optional[str]] = [None] * len(dataset)
     model.eval()
     with torch.inference_mode():
-        for batch in loader:
+        for batch in Progress(loader, len(loader), f"decoding {len(dataset)} utterances", unit="batch",
+                              enabled=progress):
             pad = batch["padding_mask"]
             net = model(batch["source"].to(device), None if pad is None else pad.to(device))
             logits, lengths = net["logits"].float(), net["lengths"]
@@ -170,7 +175,8 @@ def evaluate_ctc(ckpt_path: str | Path, manifest_dir: str | Path, split: str = "
         speakers = None
     refs = [" ".join(line.split()) for line in dataset.labels[0]]
     t0 = time.perf_counter()
-    hyps = decode_split(model, vocab, dataset, dev, decoder, beam_size, max_tokens, batch_size, flashlight)
+    hyps = decode_split(model, vocab, dataset, dev, decoder, beam_size, max_tokens, batch_size, flashlight,
+                        progress=not quiet)
     seconds = time.perf_counter() - t0
     words, chars = utterance_errors(refs, hyps)
     total_w, total_c = ErrorCounts(), ErrorCounts()
@@ -238,14 +244,11 @@ def checkpoint_task(path: str | Path) -> str:
     from speechssl.train.checkpoint import load_checkpoint
 
     path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"checkpoint not found: {path}")
-    state = load_checkpoint(path)
-    task = (state.get("config") or {}).get("task", {}) if isinstance(state, dict) else {}
+    state = load_checkpoint(path)  # CheckpointError: missing, a folder, damaged, another toolkit's file
+    task = state["config"].get("task")
     name = task.get("name") if isinstance(task, dict) else None
     if not name:
-        raise EvaluationError(f"{path}: not a speechssl checkpoint (no stored config); convert it with "
-                              f"'speechssl import {path} --from fairseq|hf|torchaudio|fairseq2 --out OUT.pt'")
+        raise EvaluationError(f"{path}: its stored config has no task.name (not written by 'speechssl finetune')")
     return str(name)
 
 
@@ -254,8 +257,12 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from speechssl.data.dataset import ManifestError
     from speechssl.text.vocab import VocabError
+    from speechssl.utils.io import file_in_the_way
 
     try:
+        blocker = file_in_the_way(args.out) if args.out else None
+        if blocker is not None:  # found now, not after the scoring
+            raise EvaluationError(f"--out {args.out}: {blocker} is a file, not a folder; choose another --out")
         task = checkpoint_task(args.checkpoint)
         if task == "speaker_id":
             from speechssl.tasks.speaker_id_eval import evaluate_speaker_id

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from speechssl.utils.args import NON_NEGATIVE, POSITIVE, number
+
 DESCRIPTION = """\
 Train a small downstream on a FROZEN upstream's hidden states (SUPERB's protocol: a learnable softmax-
 weighted sum of the Transformer input and every layer's output) and score it:
@@ -39,12 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-init", action="store_true", help="the checkpoint's architecture, untrained weights")
     p.add_argument("--out", type=Path, help="write probe.json (and asr hypotheses) here")
     p.add_argument("--force", action="store_true", help="replace an existing --out/probe.json")
-    p.add_argument("--updates", type=int, default=0, help="downstream updates (0: 1500 asr, 600 sid)")
-    p.add_argument("--lr", type=float, default=0.0, help="downstream learning rate (0: 2e-3 asr, 1e-2 sid)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="asr: utterances per update")
-    p.add_argument("--hidden", type=int, default=d.hidden, help="asr: LSTM units per direction")
-    p.add_argument("--eval-interval", type=int, default=d.eval_interval, help="updates between validations")
-    p.add_argument("--seed", type=int, default=d.seed, help="downstream (and --random-init) seed")
+    p.add_argument("--updates", type=NON_NEGATIVE, default=0, help="downstream updates (0: 1500 asr, 600 sid)")
+    p.add_argument("--lr", type=number(0), default=0.0, help="downstream learning rate (0: 2e-3 asr, 1e-2 sid)")
+    p.add_argument("--batch-size", type=POSITIVE, default=d.batch_size, help="asr: utterances per update")
+    p.add_argument("--hidden", type=POSITIVE, default=d.hidden, help="asr: LSTM units per direction")
+    p.add_argument("--eval-interval", type=POSITIVE, default=d.eval_interval, help="updates between validations")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=d.seed, help="downstream (and --random-init) seed")
     p.add_argument("--train-split", default=d.train_split)
     p.add_argument("--valid-split", default=d.valid_split)
     p.add_argument("--test-split", default=d.test_split, help="'none': report valid only")
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from speechssl.data.dataset import ManifestError
     from speechssl.tasks.probe import ProbeConfig, load_upstream, run_probe
     from speechssl.text.vocab import VocabError
+    from speechssl.train.checkpoint import CheckpointError
     from speechssl.utils.io import atomic_write_text
 
     out_file = args.out / "probe.json" if args.out else None
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"probe: {args.task} on {upstream.name} ({upstream.num_states} hidden states of {upstream.dim} dims), "
               f"{args.manifest_dir}", flush=True)
         result = run_probe(upstream, args.manifest_dir, cfg, log=lambda line: print(line, flush=True))
-    except (ManifestError, VocabError) as exc:
+    except (ManifestError, VocabError, CheckpointError) as exc:
         print(f"speechssl probe: {exc}", file=sys.stderr)
         return 1
     hypotheses = result.pop("test_hypotheses", None)

@@ -127,9 +127,9 @@ def test_base_chain_is_relative_to_the_child_and_errors_name_the_right_file(tmp_
     grand = write(tmp_path / "grand.yaml", {"model": {"encoder_layers": 2, "encoder_embed_dim": 64}})
     write(tmp_path / "sub" / "parent.yaml", "base: ../grand.yaml\nmodel:\n  encoder_layers: 3\n")
     child = write(tmp_path / "sub" / "child.yaml", "base: parent.yaml\noptimization:\n  lr: [0.01]\n")
-    cfg = load_config(child, ["model.encoder_embed_dim=32"])
+    cfg = load_config(child, ["model.encoder_embed_dim=48"])
     assert cfg.model.encoder_layers == 3  # parent wins over grandparent
-    assert cfg.model.encoder_embed_dim == 32  # command line wins over files
+    assert cfg.model.encoder_embed_dim == 48  # command line wins over files
     assert cfg.optimization.lr == pytest.approx(0.01)
     write(grand, {"model": {"encoder_layerz": 2}})
     with pytest.raises(ConfigError, match=f"{grand}.*encoder_layerz"):

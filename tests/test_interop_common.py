@@ -128,19 +128,19 @@ def test_load_rejects_other_files(tmp_path):
 def test_export_dir_is_atomic_and_refuses_overwrite(tmp_path):
     out = tmp_path / "out"
     with export_dir(out) as tmp:
-        (tmp / "a.txt").write_text("1")
+        (tmp / "model.pt").write_text("1")
         assert not out.exists()
-    assert (out / "a.txt").read_text() == "1"
+    assert (out / "model.pt").read_text() == "1"
     with pytest.raises(InteropError, match="--force"):
         with export_dir(out):
             pass
     with pytest.raises(RuntimeError):
         with export_dir(out, force=True) as tmp:
-            (tmp / "b.txt").write_text("2")
+            (tmp / "config.json").write_text("2")
             raise RuntimeError("boom")
-    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]  # untouched after the failure
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt"]  # untouched after the failure
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left behind
     with export_dir(out, force=True) as tmp:
-        (tmp / "b.txt").write_text("2")
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+        (tmp / "config.json").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from speechssl.config import ConfigError, load_config
+from speechssl.config import ConfigError, OptimizerConfig, load_config
+from speechssl.config_check import warnings as config_warnings
 from speechssl.train.lr_scheduler import build_lr_schedule
 from speechssl.train.optim import build_optimizer, param_groups
 
@@ -55,12 +56,20 @@ def test_schedule_errors():
         sched("lr_scheduler.name=tri_stage")
     with pytest.raises(ConfigError, match="must sum to 1"):
         sched("lr_scheduler.name=tri_stage", "lr_scheduler.phase_ratio=[0.1,0.4,0.4]")
-    with pytest.raises(ConfigError, match="unknown schedule 'linear'"):
+    with pytest.raises(ConfigError, match="lr_scheduler.name=linear: must be one of polynomial_decay"):
         sched("lr_scheduler.name=linear")
     with pytest.raises(ConfigError, match="optimization.max_update"):
         build_lr_schedule(load_config(None, ["lr_scheduler.name=polynomial_decay"]))
-    with pytest.raises(ConfigError, match="warmup_updates=100 must be below"):
-        sched("lr_scheduler.warmup_updates=100")
+
+
+def test_warmup_longer_than_the_run_is_cut_short_with_a_warning():
+    # fairseq runs it: the learning rate climbs for the whole run and never reaches its peak
+    s = sched("lr_scheduler.warmup_updates=200")
+    assert [s(n) for n in (0, 50, 99)] == pytest.approx([0.0, 0.25, 0.495])
+    cfg = load_config(None, ["optimization.max_update=100", "lr_scheduler.warmup_updates=200"])
+    (warning,) = config_warnings(cfg)
+    assert "lr_scheduler.warmup_updates=200 >= 100 updates (optimization.max_update)" in warning
+    assert not config_warnings(load_config(None, ["optimization.max_update=300", "lr_scheduler.warmup_updates=200"]))
 
 
 class Net(nn.Module):
@@ -102,7 +111,7 @@ def test_decoupled_weight_decay_only_on_matrices():
     assert torch.allclose(net.weight, torch.full((3, 3), 1 - 0.1 * 0.5))  # lr * wd, decoupled
     assert torch.equal(net.bias, torch.ones(3))
     with pytest.raises(ConfigError, match="unknown optimizer 'sgd'"):
-        build_optimizer(net, load_config(None, ["optimizer.name=sgd"]).optimizer, lr=0.1)
+        build_optimizer(net, OptimizerConfig(name="sgd"), lr=0.1)
 
 
 def test_weight_decay_scope_all_decays_every_parameter_as_fairseqs_adam():
@@ -125,4 +134,4 @@ def test_weight_decay_scope_all_decays_every_parameter_as_fairseqs_adam():
         else:  # fairseq/optim/adam.py: p_data_fp32.add_(p_data_fp32, alpha=-weight_decay * lr)
             assert torch.allclose(p, before[n] - 0.5 * 0.1 * before[n]), n
     with pytest.raises(ConfigError, match="weight_decay_scope must be one of matrices, all"):
-        build_optimizer(net, load_config(None, ["optimizer.weight_decay_scope=most"]).optimizer, lr=0.1)
+        build_optimizer(net, OptimizerConfig(weight_decay_scope="most"), lr=0.1)

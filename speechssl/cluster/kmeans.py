@@ -310,8 +310,11 @@ class KMeansModel:
             d = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise FileNotFoundError(f"k-means model not found: {path} (make one with 'speechssl kmeans')") from None
-        except Exception as exc:
-            raise ValueError(f"cannot read k-means model {path}: {exc}") from None
+        except Exception:  # torch's message would advise weights_only=False: say what the file is instead
+            from speechssl.interop.identify import identify
+
+            raise ValueError(f"{path} is {identify(path).what}, not a speechssl k-means model (make one with "
+                             "'speechssl kmeans')") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT or not isinstance(d.get("centroids"), Tensor):
             raise ValueError(f"{path} is not a speechssl k-means model (written by 'speechssl kmeans')")
         c = d["centroids"].float()

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from speechssl.utils.args import NON_NEGATIVE, POSITIVE, number
+
 DESCRIPTION = """\
 Fit k-means on frame features written by 'speechssl features' (or fairseq's dump_*_feature.py) and save
 the model (torch.save of tensors and plain data: centroids, k, dim, inertia, settings; loadable with
@@ -36,22 +38,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("features", nargs="+", metavar="FEATURES", help="features folder, or .npy shard files")
     p.add_argument("--split", default="train", help="split to read from a features folder")
-    p.add_argument("--nshard", type=int, default=None, help="shard count to read (when a folder holds several)")
-    p.add_argument("--k", type=int, required=True, help="number of clusters (HuBERT: 100, then 500)")
+    p.add_argument("--nshard", type=POSITIVE, default=None, help="shard count to read (when a folder holds several)")
+    p.add_argument("--k", type=POSITIVE, required=True, help="number of clusters (HuBERT: 100, then 500)")
     p.add_argument("--out", required=True, help="k-means model file to write (.pt)")
-    p.add_argument("--sample-percent", type=float, default=10.0,
+    p.add_argument("--sample-percent", type=number(0, 100, low_open=True), default=10.0,
                    help="percentage (0-100] of the utterances to fit on (fairseq's --percent 0.1 is 10)")
     p.add_argument("--algorithm", choices=ALGORITHMS, default=S.algorithm)
-    p.add_argument("--n-init", type=int, default=S.n_init, help="seedings tried; the best is refined")
-    p.add_argument("--init-size", type=int, default=None, help="frames per seeding (default max(30000, 3K))")
-    p.add_argument("--max-iter", type=int, default=S.max_iter, help="Lloyd iterations / mini-batch epochs")
-    p.add_argument("--tol", type=float, default=S.tol,
+    p.add_argument("--n-init", type=POSITIVE, default=S.n_init, help="seedings tried; the best is refined")
+    p.add_argument("--init-size", type=POSITIVE, default=None, help="frames per seeding (default max(30000, 3K))")
+    p.add_argument("--max-iter", type=POSITIVE, default=S.max_iter, help="Lloyd iterations / mini-batch epochs")
+    p.add_argument("--tol", type=number(0), default=S.tol,
                    help="Lloyd: stop when the relative inertia improvement is below this")
-    p.add_argument("--batch-size", type=int, default=S.batch_size, help="mini-batch only")
-    p.add_argument("--max-no-improvement", type=int, default=S.max_no_improvement, help="mini-batch only")
+    p.add_argument("--batch-size", type=POSITIVE, default=S.batch_size, help="mini-batch only")
+    p.add_argument("--max-no-improvement", type=NON_NEGATIVE, default=S.max_no_improvement, help="mini-batch only")
     p.add_argument("--precision", choices=PRECISIONS, default=S.precision,
                    help="bf16: seeding and first Lloyd phase with bf16 products (final phase always fp32)")
-    p.add_argument("--seed", type=int, default=S.seed)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=S.seed)
     p.add_argument("--device", default=S.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from speechssl.utils.args import NON_NEGATIVE, POSITIVE, number
+
 DESCRIPTION = """\
 Assign every frame of MANIFEST_DIR/<split>.tsv's features to its nearest k-means centroid and write
 <split>.km (one line per TSV entry, in TSV order: the space-separated cluster ids of its frames) and
@@ -36,12 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", required=True, help="features folder written by 'speechssl features'")
     p.add_argument("--km", required=True, help="k-means model written by 'speechssl kmeans'")
     p.add_argument("--out", default=None, help="folder for <split>.km and dict.km.txt (default MANIFEST_DIR)")
-    p.add_argument("--label-rate", type=float, default=None,
+    p.add_argument("--label-rate", type=number(0, low_open=True), default=None,
                    help="labels per second to check against (default: the features' frame rate)")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+    p.add_argument("--tolerance", type=number(0), default=DEFAULT_TOLERANCE,
                    help="allowed |audio seconds - labels / label rate| per utterance, in seconds")
-    p.add_argument("--nshard", type=int, default=None, help="shard count of the features (if several)")
-    p.add_argument("--shard", type=int, default=None, help="label only this feature shard")
+    p.add_argument("--nshard", type=POSITIVE, default=None, help="shard count of the features (if several)")
+    p.add_argument("--shard", type=NON_NEGATIVE, default=None, help="label only this feature shard")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--force", action="store_true", help="replace existing <split>.km / dict.km.txt")
 

@@ -43,6 +43,9 @@ def batch_by_size(
     """
     if max_tokens is None and max_sentences is None:
         raise ValueError("set dataset.max_tokens (audio samples per batch) or dataset.batch_size")
+    for name, value in (("max_tokens", max_tokens), ("max_sentences", max_sentences)):
+        if value is not None and value < 1:  # a batch of 0 items would never advance
+            raise ValueError(f"{name} must be >= 1, got {value}")
     n = len(order)
     batch_sizes = sizes[order]
     if max_tokens is not None and n and batch_sizes.max() > max_tokens:
@@ -61,6 +64,7 @@ def batch_by_size(
             bsz = min(bsz, max_sentences)
         if start + bsz < n and bsz > mult:  # a cut batch: round down to the multiple (fairseq's mod_len)
             bsz = max(mult * (bsz // mult), bsz % mult)
+        bsz = max(bsz, 1)  # an item longer than max_tokens was refused above; never an empty batch
         batches.append(order[start : start + bsz])
         start += bsz
     return batches

@@ -21,6 +21,7 @@ whole utterance before cropping, so then the whole file is read.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -36,6 +37,16 @@ ItemKey = tuple[int, int, int]  # (index, target_len, epoch)
 class ManifestError(ValueError):
     """A manifest or label file is malformed; the message names the file and line."""
 
+    # torch's DataLoader re-raises an error of a worker process as ``cls(message=<its traceback as text>)``
+    # when the class has a ``message`` attribute: keep the original message, drop the traceback.
+    message = "manifest error"
+
+    def __init__(self, text: str = "", *, message: Optional[str] = None):
+        if message is not None:
+            marker = f"{type(self).__name__}: "
+            text = message.rsplit(marker, 1)[-1].strip() if marker in message else message
+        super().__init__(text)
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -43,6 +54,47 @@ class Manifest:
     root: Path
     files: list[str]  # paths relative to root
     sizes: np.ndarray  # int64 [N], samples per file
+    line_numbers: Optional[np.ndarray] = None  # int64 [N], line of each entry in the file (1-based)
+
+    def line(self, entry: int) -> int:
+        """Line of ``entry`` in the manifest file (1-based; line 1 is the root)."""
+        return int(self.line_numbers[entry]) if self.line_numbers is not None else entry + 2
+
+
+STAT_THREADS = 32  # stats in flight: a network filesystem answers them in parallel
+
+
+def missing_audio(manifest: Manifest, threads: int = STAT_THREADS) -> list[int]:
+    """Entries of ``manifest`` whose audio file does not exist (one stat per file, in parallel threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [os.path.join(manifest.root, f) for f in manifest.files]
+    chunk = 1024  # stats per task: a thread pool's per-task overhead would dominate a local disk's stat
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(chunks)))) as pool:  # stat releases the GIL
+        exists = [ok for part in pool.map(lambda ps: [os.path.isfile(p) for p in ps], chunks) for ok in part]
+    return [i for i, ok in enumerate(exists) if not ok]
+
+
+def check_audio_exists(manifest: Manifest, shown: int = 10) -> None:
+    """Raise ManifestError listing every missing audio file of ``manifest`` (the first ``shown`` by name)."""
+    missing = missing_audio(manifest)
+    if not missing:
+        return
+    lines = [f"  line {manifest.line(i)}: {manifest.root / manifest.files[i]}" for i in missing[:shown]]
+    more = [f"  ... and {len(missing) - shown} more"] if len(missing) > shown else []
+    raise ManifestError(
+        f"{manifest.path}: {len(missing)} of {len(manifest.files)} listed audio files are missing:\n"
+        + "\n".join(lines + more)
+        + f"\nrestore them, or rebuild the manifest; 'speechssl manifest --check {manifest.path.parent}' lists every "
+        "problem of a manifest folder")
+
+
+def _text_lines(path: Path, what: str) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: not a text file ({what})") from None
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -50,11 +102,11 @@ def read_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path} (make one with 'speechssl manifest AUDIO_DIR OUT_DIR')")
-    lines = path.read_text().splitlines()
+    lines = _text_lines(path, "a manifest is text: the audio root, then 'path<TAB>num_samples' lines")
     if not lines or not lines[0].strip():
         raise ManifestError(f"{path}: empty manifest; line 1 must be the audio root directory")
     root = Path(lines[0].strip())
-    files, sizes = [], []
+    files, sizes, numbers = [], [], []
     for lineno, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -67,7 +119,9 @@ def read_manifest(path: str | Path) -> Manifest:
             raise ManifestError(f"{path}:{lineno}: num_samples must be an integer, got {parts[1]!r}") from None
         files.append(parts[0])
         sizes.append(n)
-    return Manifest(path=path, root=root, files=files, sizes=np.asarray(sizes, dtype=np.int64))
+        numbers.append(lineno)
+    return Manifest(path=path, root=root, files=files, sizes=np.asarray(sizes, dtype=np.int64),
+                    line_numbers=np.asarray(numbers, dtype=np.int64))
 
 
 def normalize_wave(x: np.ndarray, window: slice = slice(None)) -> np.ndarray:
@@ -91,6 +145,8 @@ class AudioDataset(torch.utils.data.Dataset):
         random_crop: random crop offsets (else crops start at sample 0).
         seed: seeds the crop offsets together with the epoch and the index.
         label_files: files aligned line by line with the manifest entries.
+        check_files: check at once that every listed audio file exists (a stat each, in parallel), so that a
+            missing file is reported now, all of them together, not when its batch comes.
     """
 
     def __init__(
@@ -104,8 +160,11 @@ class AudioDataset(torch.utils.data.Dataset):
         random_crop: bool = True,
         seed: int = 1,
         label_files: Sequence[str | Path] = (),
+        check_files: bool = True,
     ):
         self.manifest = read_manifest(manifest)
+        if check_files:
+            check_audio_exists(self.manifest)
         self.sample_rate = sample_rate
         self.max_sample_size = max_sample_size
         self.normalize = normalize
@@ -127,7 +186,7 @@ class AudioDataset(torch.utils.data.Dataset):
     def _read_labels(self, path: Path) -> list[str]:
         if not path.is_file():
             raise ManifestError(f"label file not found: {path} (expected one line per entry of {self.manifest.path})")
-        lines = path.read_text().splitlines()
+        lines = _text_lines(path, "a label file is UTF-8 text, one line per manifest entry")
         if len(lines) != len(self.manifest.files):
             raise ManifestError(
                 f"{path}: {len(lines)} lines but {self.manifest.path} has {len(self.manifest.files)} entries; "
@@ -173,9 +232,9 @@ class AudioDataset(torch.utils.data.Dataset):
         offset = self.crop_offset(index, target_len, epoch)
         path = self.path(index)
         if self.normalize:
-            wav = normalize_wave(self._read(path, size, 0), slice(offset, offset + length))
+            wav = normalize_wave(self._read(path, size, 0, index), slice(offset, offset + length))
         else:
-            wav = self._read(path, length, offset)
+            wav = self._read(path, length, offset, index)
         return {
             "id": index,
             "source": wav,
@@ -183,23 +242,29 @@ class AudioDataset(torch.utils.data.Dataset):
             "labels": tuple(lab[index] for lab in self.labels),
         }
 
-    def _read(self, path: Path, frames: int, start: int) -> np.ndarray:
+    def where(self, index: int) -> str:
+        """``manifest.tsv:LINE`` of item ``index``."""
+        return f"{self.manifest.path}:{self.manifest.line(int(self.line_index[index]))}"
+
+    def _read(self, path: Path, frames: int, start: int, index: int) -> np.ndarray:
         try:
             wav, sr = read_audio(path, frames=frames, start=start)
         except Exception as exc:  # soundfile raises LibsndfileError/RuntimeError/OSError
-            raise ManifestError(f"cannot read {path} (listed in {self.manifest.path}): {exc}") from None
+            why = "no such file" if not path.exists() else str(exc)
+            raise ManifestError(f"cannot read {path} ({why}), listed at {self.where(index)}; restore the file or "
+                                f"rebuild the manifest ('speechssl manifest --check {self.manifest.path.parent}' "
+                                "lists every problem)") from None
         if sr != self.sample_rate:
             raise ManifestError(
-                f"{path}: sample rate {sr} Hz, but task.sample_rate is {self.sample_rate}; resample the corpus "
-                f"(e.g. 'sox in.flac -r {self.sample_rate} out.flac') and rebuild the manifest"
-            )
+                f"{path}: sample rate {sr} Hz, but task.sample_rate is {self.sample_rate} (listed at "
+                f"{self.where(index)}); resample the corpus (e.g. 'sox in.flac -r {self.sample_rate} out.flac') and "
+                "rebuild the manifest")
         if wav.ndim == 2:  # fairseq averages channels
             wav = wav.mean(axis=1)
         if len(wav) != frames:
             raise ManifestError(
-                f"{path}: read {len(wav)} samples from offset {start} but expected {frames}; "
-                f"the file is shorter than {self.manifest.path} says: rebuild the manifest"
-            )
+                f"{path}: read {len(wav)} samples from offset {start} but expected {frames} (listed at "
+                f"{self.where(index)}); the file is shorter than {self.manifest.path.name} says: rebuild the manifest")
         return wav.astype(np.float32, copy=False)
 
 

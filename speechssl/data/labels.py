@@ -44,8 +44,12 @@ class LabelDictionary:
         if not self.path.is_file():
             raise ManifestError(f"label dictionary not found: {self.path} (written by 'speechssl label' beside the "
                                 "label files; point task.label_dir at their folder)")
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ManifestError(f"{self.path}: not UTF-8 text (a dictionary: '<symbol> <count>' per line)") from None
         symbols = []
-        for lineno, line in enumerate(self.path.read_text().splitlines(), start=1):
+        for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             fields = line.split()

@@ -25,6 +25,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from speechssl.utils.args import NON_NEGATIVE, POSITIVE, number
+from speechssl.utils.io import file_in_the_way
+
 DESCRIPTION = """\
 Scan an audio folder recursively (every format soundfile reads: flac, wav, ogg, mp3, ...) and write
 fairseq wav2vec/HuBERT manifests: train.tsv and valid.tsv (root line, then 'path<TAB>num_samples'),
@@ -195,6 +198,9 @@ def build_manifest(
     except ValueError as exc:
         raise ManifestError(str(exc)) from None
     out = Path(out_dir).absolute()
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise ManifestError(f"--out {out_dir}: {blocker} is a file, not a folder; choose another --out")
     carve = "valid" not in add_splits and valid_percent > 0
     splits = ["train"] + (["valid"] if carve else []) + list(add_splits)
     existing = existing_outputs(out, splits)
@@ -453,18 +459,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="manifest folder to write (train.tsv, valid.tsv, labels, dicts)")
     p.add_argument("--check", metavar="DIR", help="validate the manifest folder DIR instead of building one")
     g = p.add_argument_group("splits")
-    g.add_argument("--valid-percent", type=float, default=0.01, help="fraction (0.01 = 1%%) carved out for valid.tsv")
-    g.add_argument("--seed", type=int, default=42, help="seed of the valid split and --train-seconds subset")
+    g.add_argument("--valid-percent", type=number(0, 1, high_open=True), default=0.01,
+                   help="fraction (0.01 = 1%%) carved out for valid.tsv")
+    g.add_argument("--seed", type=NON_NEGATIVE, default=42, help="seed of the valid split and --train-seconds subset")
     g.add_argument("--split-by", choices=("utterance", "speaker"), default="utterance",
                    help="utterance: a share of each speaker's files (closed set); speaker: hold out whole speakers")
     g.add_argument("--add-split", type=_split_arg, action="append", default=[], metavar="NAME=DIR",
                    help="extra split from another folder (repeatable); valid=DIR replaces the random valid split")
-    g.add_argument("--train-seconds", type=float, metavar="S",
+    g.add_argument("--train-seconds", type=number(0, low_open=True), metavar="S",
                    help="keep a seeded, speaker-balanced subset of train of at most S seconds (600 = 10 min)")
     f = p.add_argument_group("filters and labels")
-    f.add_argument("--min-seconds", type=float, default=0.1, help="skip files shorter than this")
-    f.add_argument("--max-seconds", type=float, help="skip files longer than this")
-    f.add_argument("--target-sr", type=int, default=16000, help="required sample rate (others skipped or converted)")
+    f.add_argument("--min-seconds", type=number(0), default=0.1, help="skip files shorter than this")
+    f.add_argument("--max-seconds", type=number(0, low_open=True), help="skip files longer than this")
+    f.add_argument("--target-sr", type=POSITIVE, default=16000,
+                   help="required sample rate (others skipped or converted)")
     f.add_argument("--resample-to", metavar="DIR",
                    help="write 16-bit FLAC mono/--target-sr copies of mismatched files under DIR (symlinks for "
                    "the others) and list those")
@@ -475,7 +483,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--decode-all", action="store_true",
                    help="decode every file fully (slow) to catch corruption inside files, not only at the end")
     r = p.add_argument_group("run")
-    r.add_argument("--workers", type=int, default=0, help="scan/convert processes; 0 = all cores")
+    r.add_argument("--workers", type=NON_NEGATIVE, default=0, help="scan/convert processes; 0 = all cores")
     r.add_argument("--force", action="store_true", help="replace existing manifest files in --out")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 

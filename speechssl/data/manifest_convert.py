@@ -22,6 +22,7 @@ import soundfile as sf
 
 from speechssl.data.audio import read_audio, write_audio
 from speechssl.data.manifest_scan import progress_bar
+from speechssl.utils.io import chmod_as_created
 
 
 NAME_COLLISION = "name collision"  # skip categories
@@ -98,6 +99,7 @@ def _convert(job: ConvertJob, target_sr: int) -> None:
     os.close(fd)
     try:
         write_audio(tmp, samples, target_sr, subtype="PCM_16")
+        chmod_as_created(tmp)  # mkstemp made it 0600
         os.replace(tmp, job.dst)
     except BaseException:
         if os.path.exists(tmp):

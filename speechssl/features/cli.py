@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from speechssl.utils.args import NON_NEGATIVE, POSITIVE
+
 DESCRIPTION = """\
 Extract frame features of MANIFEST_DIR/<split>.tsv into OUT as fairseq's sharded layout: per shard
 <split>_<i>_<n>.npy (float32 frames x dim, memory-mappable), <split>_<i>_<n>.len (frames per utterance)
@@ -39,10 +41,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest_dir", metavar="MANIFEST_DIR", help="folder holding <split>.tsv")
     p.add_argument("--split", default="train", help="manifest split: reads MANIFEST_DIR/<split>.tsv")
     p.add_argument("--out", required=True, help="features folder (created)")
-    p.add_argument("--nshard", type=int, default=None, help="shards to cut the split into (default 1, or "
+    p.add_argument("--nshard", type=POSITIVE, default=None, help="shards to cut the split into (default 1, or "
                    "WORLD_SIZE under torchrun)")
-    p.add_argument("--shard", type=int, default=None, help="do only this shard (0-based; default: all)")
-    p.add_argument("--num-workers", type=int, default=2, help="data-loader processes reading audio "
+    p.add_argument("--shard", type=NON_NEGATIVE, default=None, help="do only this shard (0-based; default: all)")
+    p.add_argument("--num-workers", type=NON_NEGATIVE, default=2, help="data-loader processes reading audio "
                    "(one torch thread each; 0: read in the main process)")
     p.add_argument("--force", action="store_true", help="redo finished shards")
 
@@ -53,13 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m = sub.add_parser("mfcc", help="39-d MFCC + deltas + delta-deltas at 100 Hz", description=DESCRIPTION,
                        formatter_class=fmt)
     _common(m)
-    m.add_argument("--sample-rate", type=int, default=16000, help="every file must have this rate")
+    m.add_argument("--sample-rate", type=POSITIVE, default=16000, help="every file must have this rate")
     lay = sub.add_parser("layer", help="a trained model's transformer layer output", description=DESCRIPTION,
                          formatter_class=fmt)
     _common(lay)
     lay.add_argument("--ckpt", required=True, help="checkpoint written by 'speechssl pretrain'")
-    lay.add_argument("--layer", type=int, required=True, help="transformer layer, 1-based (HuBERT BASE: 6)")
-    lay.add_argument("--max-chunk", type=int, default=1_600_000,
+    lay.add_argument("--layer", type=POSITIVE, required=True, help="transformer layer, 1-based (HuBERT BASE: 6)")
+    lay.add_argument("--max-chunk", type=POSITIVE, default=1_600_000,
                      help="longer utterances are run in chunks of this many samples")
     lay.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if a GPU) | cpu | cuda:N")
     p.set_defaults(_features_parser=p)

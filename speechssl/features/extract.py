@@ -79,12 +79,13 @@ def extract_split(extractor: Any, manifest_dir: str | Path, split: str, out_dir:
     one shard, torchrun's rank, or all in turn). ``force`` redoes finished shards; without it, a finished
     shard made from another manifest or with other settings is an error.
     """
-    from speechssl.data.dataset import read_manifest
+    from speechssl.data.dataset import check_audio_exists, read_manifest
 
     tsv = Path(manifest_dir) / f"{split}.tsv"
     manifest = read_manifest(tsv)
     if not manifest.files:
         raise FeatureStoreError(f"{tsv} lists no utterances")
+    check_audio_exists(manifest)  # every missing file now, not when its shard comes
     sha1 = file_sha1(tsv)
     todo, n = resolve_shards(shard, nshard)
     results = []

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from speechssl.utils.io import atomic_write_text
+from speechssl.utils.io import atomic_write_text, chmod_as_created
 
 FORMAT = "speechssl-features"
 VERSION = 1
@@ -173,6 +173,7 @@ class ShardWriter:
         del self.data
         with open(self.tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        chmod_as_created(self.tmp)  # mkstemp made it 0600
         os.replace(self.tmp, self.files.npy)
         atomic_write_text(self.files.len, "".join(f"{n}\n" for n in self.lengths.tolist()))
         meta = {"format": FORMAT, "version": VERSION, **meta, "dim": self.dim,

@@ -6,6 +6,8 @@ import argparse
 import sys
 from types import SimpleNamespace
 
+from speechssl.utils.args import NON_NEGATIVE, POSITIVE
+
 IMPORT_DESCRIPTION = """\
 Convert another toolkit's wav2vec 2.0 / HuBERT checkpoint (pretraining or CTC fine-tuned) into a
 speechssl checkpoint CKPT. CKPT is an ordinary speechssl checkpoint: fine-tune from it
@@ -86,10 +88,13 @@ def run_import(args: argparse.Namespace) -> int:
     from speechssl.interop.common import InteropError, check_and_build, refuse_existing, save_imported
     from speechssl.interop.unpickle import UnsafeCheckpointError
 
+    from speechssl.interop.identify import import_source_problem
+
     try:
         refuse_existing(Path(args.out), args.force)
-        if not Path(args.src).exists():
-            raise InteropError(f"{args.src}: not found")
+        problem = import_source_problem(args.src, args.source_format)
+        if problem:
+            raise InteropError(problem)
         notes: list[str] = []
         num_updates = 0
         if args.source_format == "fairseq":
@@ -130,7 +135,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="speechssl checkpoint (pretraining, CTC fine-tuned or imported)")
     p.add_argument("--to", dest="target", required=True, choices=EXPORT_FORMATS, help="format to write")
     p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument("--opset", type=POSITIVE, default=17, help="ONNX opset")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
 
 
@@ -177,12 +182,12 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", required=True, help="manifest split: reads MANIFEST_DIR/<split>.tsv")
     p.add_argument("--layers", default="all", help="'all' or comma-separated 1-based layers, e.g. 6,12")
     p.add_argument("--out", required=True, help="features folder (created)")
-    p.add_argument("--nshard", type=int, default=None, help="shards to cut the split into (default 1, or "
+    p.add_argument("--nshard", type=POSITIVE, default=None, help="shards to cut the split into (default 1, or "
                    "WORLD_SIZE under torchrun)")
-    p.add_argument("--shard", type=int, default=None, help="do only this shard (0-based; default: all)")
-    p.add_argument("--max-chunk", type=int, default=1_600_000, help="longer utterances run in chunks of this "
+    p.add_argument("--shard", type=NON_NEGATIVE, default=None, help="do only this shard (0-based; default: all)")
+    p.add_argument("--max-chunk", type=POSITIVE, default=1_600_000, help="longer utterances run in chunks of this "
                    "many samples")
-    p.add_argument("--num-workers", type=int, default=2, help="data-loader processes reading audio")
+    p.add_argument("--num-workers", type=NON_NEGATIVE, default=2, help="data-loader processes reading audio")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if a GPU) | cpu | cuda:N")
     p.add_argument("--force", action="store_true", help="redo finished shards")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 from torch import Tensor, nn
 
 from speechssl.config import Config, ConfigError, ModelConfig, TaskConfig, config_from_dict
+from speechssl.utils.io import chmod_as_created
 
 
 class InteropError(ValueError):
@@ -52,15 +54,15 @@ class Loaded:
 def load_speechssl(path: str | Path) -> Loaded:
     """Any speechssl checkpoint (pretraining, CTC fine-tuning, imported) -> :class:`Loaded` (CPU, eval)."""
     from speechssl.models import build_model
-    from speechssl.train.checkpoint import load_checkpoint
+    from speechssl.train.checkpoint import CheckpointError, load_checkpoint
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InteropError(f"{path}: no such checkpoint file")
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("config"), dict):
-        raise InteropError(f"{path} is not a speechssl checkpoint (no 'model' and 'config' entries); convert "
-                           "other toolkits' checkpoints with 'speechssl import' first")
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as exc:  # says what the file is instead, and how to convert it
+        raise InteropError(str(exc)) from None
     try:
         cfg = config_from_dict(state["config"], source=str(path))
     except ConfigError as exc:
@@ -138,16 +140,48 @@ def save_imported(path: str | Path, state_dict: Mapping[str, Tensor], cfg: Confi
     return path
 
 
+# Every name ``speechssl export`` writes, in any format (fairseq2 adds <folder name>.yaml, its asset card).
+EXPORT_FILES = frozenset({"config.json", "model.safetensors", "vocab.json", "tokenizer_config.json",
+                          "special_tokens_map.json", "preprocessor_config.json", "model.pt", "model.onnx",
+                          "model.onnx.data"})
+
+
+def card_name(out: str | Path) -> str:
+    """The fairseq2 asset card name of an export folder: its name with other characters as ``_``."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", Path(out).name)
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """Entries of an existing export folder that ``speechssl export`` did not write (subfolders included)."""
+    own = EXPORT_FILES | {f"{card_name(out)}.yaml"}
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in own or p.is_dir())
+
+
 @contextlib.contextmanager
 def export_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on clean exit it replaces ``out`` (which must not exist
-    unless ``force``). On an error the temporary folder is removed and ``out`` is untouched."""
+    unless ``force``). On an error the temporary folder is removed and ``out`` is untouched.
+
+    ``force`` replaces only an earlier export: a folder holding anything export does not write
+    (:data:`EXPORT_FILES`) is refused, so a mistyped ``--out`` never deletes the user's files. The folder
+    gets the permissions mkdir would give it (the umask applies)."""
     out = Path(out)
-    refuse_existing(out, force)
     if out.exists() and not out.is_dir():
-        raise InteropError(f"{out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        raise InteropError(f"--out {out} is a file; give a folder to write the export into")
+    refuse_existing(out, force)
+    if out.exists():
+        foreign = foreign_entries(out)
+        if foreign:
+            shown = ", ".join(foreign[:6]) + (" ..." if len(foreign) > 6 else "")
+            raise InteropError(f"--out {out} holds files that speechssl export did not write ({shown}); --force "
+                               "replaces only an earlier export: choose another --out, or move those files away")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise InteropError(f"--out {out}: cannot create it ({exc.strerror or exc}); choose a folder you can write "
+                           "to") from None
+    chmod_as_created(tmp)
     try:
         yield tmp
         old = None

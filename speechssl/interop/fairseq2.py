@@ -47,7 +47,7 @@ import yaml
 from torch import Tensor
 
 from speechssl.config import ModelConfig
-from speechssl.interop.common import InteropError, Loaded, export_dir, imported_config
+from speechssl.interop.common import InteropError, Loaded, card_name, export_dir, imported_config
 
 _L = r"encoder\.layers\.(\d+)\."
 # speechssl -> fairseq2 (the encoder.layer_norm rule depends on the norm order and is handled apart)
@@ -180,7 +180,7 @@ def export_fairseq2(loaded: Loaded, out: str | Path, force: bool = False) -> str
                            "export CTC models with --to hf or --to torchaudio")
     arch, model_config = fairseq2_config(loaded.cfg.model)
     weights = to_fairseq2_state_dict(loaded.model.state_dict(), loaded.cfg.model, loaded.num_updates)
-    name = re.sub(r"[^A-Za-z0-9_]", "_", Path(out).name)
+    name = card_name(out)
     card = {"name": name, "model_family": "wav2vec2", "model_arch": arch, "model_config": model_config,
             "checkpoint": "model.pt"}
     with export_dir(out, force) as tmp:
@@ -296,9 +296,13 @@ def _read_card(src: Path) -> tuple[dict[str, Any], Path]:
         if len(cards) != 1:
             raise InteropError(f"{src}: expected one asset card (*.yaml), found {len(cards)}")
         src = cards[0]
-    docs = [d for d in yaml.safe_load_all(src.read_text(encoding="utf-8")) if d]
+    try:
+        docs = [d for d in yaml.safe_load_all(src.read_text(encoding="utf-8")) if d]
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InteropError(f"{src}: not a fairseq2 asset card (YAML): {str(exc).splitlines()[0]}") from None
     if len(docs) != 1 or not isinstance(docs[0], dict):
-        raise InteropError(f"{src}: expected one asset card mapping, found {len(docs)} documents")
+        raise InteropError(f"{src}: not a fairseq2 asset card (one YAML mapping with name, model_family, model_arch "
+                           f"and checkpoint; found {len(docs)} document(s) of {type(docs[0]).__name__ if docs else '-'})")
     return docs[0], src
 
 

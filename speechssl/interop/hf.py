@@ -292,7 +292,10 @@ def import_hf(folder: str | Path):
     if not cfg_path.is_file():
         raise InteropError(f"{folder}: no config.json (expected a transformers save_pretrained folder; hub names "
                            "are not fetched: download the folder first)")
-    raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InteropError(f"{cfg_path}: not a transformers config (JSON): {exc}") from None
     model_cfg = _model_config(raw, folder)
     weights = _read_weights(folder)
     lm = {k: weights.pop(k) for k in ("lm_head.weight", "lm_head.bias") if k in weights}

@@ -95,8 +95,11 @@ def import_torchaudio(folder: str | Path):
     if not meta_path.is_file() or not weights_path.is_file():
         raise InteropError(f"{folder}: expected config.json and model.pt (the layout 'speechssl export --to "
                            "torchaudio' writes; see speechssl/interop/torchaudio_io.py)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT or not isinstance(meta.get("kwargs"), dict):
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InteropError(f"{meta_path}: not a torchaudio export's config (JSON): {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("kwargs"), dict):
         raise InteropError(f"{meta_path}: not a torchaudio export (format {meta.get('format')!r})")
     name = meta.get("model_name", "wav2vec2")
     if name not in ("wav2vec2", "hubert"):

@@ -117,8 +117,8 @@ def load_pretrained(path: str | Path, overrides: Optional[dict[str, Any]] = None
         raise ConfigError(f"pretrained checkpoint not found: {path}")
     try:
         state = load_checkpoint(path)
-    except RuntimeError as exc:
-        raise _not_speechssl(path, f"it does not load with torch.load(weights_only=True): {exc}") from None
+    except RuntimeError as exc:  # CheckpointError: says what the file is and how to convert it
+        raise ConfigError(str(exc)) from None
     cfg = apply_overrides(read_model_config(state, path), overrides, f"overrides for {path}")
     weights, from_finetuned = upstream_state_dict(state)
     model = build_model(cfg)

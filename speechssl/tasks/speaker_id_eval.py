@@ -30,6 +30,7 @@ import torch
 from speechssl.config import ConfigError
 from speechssl.data.batching import batch_by_size, ordered_indices
 from speechssl.data.dataset import AudioDataset, ManifestError, collate
+from speechssl.train.metrics import Progress
 from speechssl.utils.io import atomic_open, atomic_write_text
 
 OUTPUT_FILES = ("report.json", "predictions.tsv", "confusion_matrix.png")
@@ -135,6 +136,19 @@ def _device(name: Optional[str]) -> torch.device:
     return torch.device(name)
 
 
+def check_trial_labels(labels: list[str], spk_path: Path, num_trials: int) -> None:
+    """ManifestError unless the speakers ``labels`` can give ``num_trials`` verification trials (both kinds)."""
+    counts: dict[str, int] = {}
+    for s in labels:
+        counts[s] = counts.get(s, 0) + 1
+    if len(counts) < 2:
+        raise ManifestError(f"{spk_path}: verification trials (--eer-trials) need at least 2 speakers, the split has "
+                            f"{len(counts)} ({', '.join(sorted(counts)) or 'none'}); choose another --eer-split")
+    if num_trials >= 2 and max(counts.values()) < 2:
+        raise ManifestError(f"{spk_path}: same-speaker trials need a speaker with at least 2 utterances; every "
+                            "speaker of the split has one; choose another --eer-split")
+
+
 def eval_dataset(manifest_dir: Path, split: str, sample_rate: int, normalize: bool) -> AudioDataset:
     """Whole utterances of ``<split>.tsv`` with ``<split>.spk``."""
     tsv, spk = manifest_dir / f"{split}.tsv", manifest_dir / f"{split}.spk"
@@ -167,7 +181,7 @@ def run_model(model: torch.nn.Module, data: AudioDataset, device: torch.device, 
     loader = torch.utils.data.DataLoader(data, batch_sampler=[b.tolist() for b in batches], collate_fn=collate,
                                          num_workers=1, worker_init_fn=_one_thread)
     logits, embeddings = [None] * len(data), [None] * len(data)
-    for batch in loader:
+    for batch in Progress(loader, len(loader), f"scoring {len(data)} utterances", unit="batch"):
         pad = batch["padding_mask"]
         out = model(batch["source"].to(device), None if pad is None else pad.to(device))
         for row, i in enumerate(batch["id"].tolist()):
@@ -248,6 +262,11 @@ def evaluate_speaker_id(ckpt_path: str | Path, manifest_dir: str | Path, split: 
             f"({', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}); identification accuracy is closed-set: "
             "evaluate a split of the training speakers, and score unseen speakers with --eer-trials N --eer-split "
             f"{split}")
+    eer_data = data
+    if eer_trials > 0:  # checked before any scoring: a split that cannot give trials is an error now
+        if eer_split != split:
+            eer_data = eval_dataset(manifest_dir, eer_split, cfg.task.sample_rate, cfg.task.normalize)
+        check_trial_labels(eer_data.labels[0], manifest_dir / f"{eer_split}.spk", eer_trials)
     targets = np.fromiter((index[s] for s in labels), dtype=np.int64, count=len(labels))
     logits, embeddings = run_model(model, data, dev, batch_size, max_tokens)
     pred = logits.argmax(axis=1)
@@ -268,7 +287,6 @@ def evaluate_speaker_id(ckpt_path: str | Path, manifest_dir: str | Path, split: 
         if eer_split == split:
             eer_embeddings, eer_labels = embeddings, labels
         else:
-            eer_data = eval_dataset(manifest_dir, eer_split, cfg.task.sample_rate, cfg.task.normalize)
             _, eer_embeddings = run_model(model, eer_data, dev, batch_size, max_tokens)
             eer_labels = eer_data.labels[0]
         codes = np.unique(np.asarray(eer_labels), return_inverse=True)[1]

@@ -13,6 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from speechssl.utils.args import POSITIVE
+from speechssl.utils.io import file_in_the_way
+
 DESCRIPTION = """\
 Train a sentencepiece model (unigram or BPE) on the transcripts of a manifest's .wrd file, for CTC
 fine-tuning on subword units instead of letters. Writes PREFIX.model and PREFIX.vocab (never
@@ -29,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["train"], help="what to do (train a model)")
     p.add_argument("wrd", help="transcript file, one utterance per line (e.g. manifests/x/train.wrd)")
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
-    p.add_argument("--vocab-size", type=int, default=100, help="number of pieces (includes <unk>)")
+    p.add_argument("--vocab-size", type=POSITIVE, default=100, help="number of pieces (includes <unk>)")
     p.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
     p.add_argument("--force", action="store_true", help="overwrite existing PREFIX.model / PREFIX.vocab")
 
@@ -43,13 +46,19 @@ def train_spm(wrd: str | Path, out_prefix: str | Path, vocab_size: int = 100, mo
     wrd, out_prefix = Path(wrd), Path(out_prefix)
     if not wrd.is_file():
         raise FileNotFoundError(f"transcript file not found: {wrd} (a manifest's <split>.wrd)")
-    lines = [line for line in wrd.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = [line for line in wrd.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{wrd}: not UTF-8 text (transcripts: one utterance per line)") from None
     if not lines:
         raise ValueError(f"{wrd}: no transcript lines")
     targets = [out_prefix.with_name(out_prefix.name + ext) for ext in (".model", ".vocab")]
     existing = [str(t) for t in targets if t.exists()]
     if existing and not force:
         raise FileExistsError(f"{', '.join(existing)} already exist; add --force to overwrite")
+    blocker = file_in_the_way(out_prefix.parent)
+    if blocker is not None:
+        raise FileExistsError(f"--out {out_prefix}: {blocker} is a file, not a folder; choose another --out")
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_prefix.parent, prefix=".spm.") as tmp:
         prefix = Path(tmp) / "m"

@@ -39,8 +39,12 @@ def read_dict_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise VocabError(f"dictionary not found: {path} (written by 'speechssl manifest' for labeled audio)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise VocabError(f"{path}: not UTF-8 text (a dictionary: 'symbol count' per line)") from None
     symbols = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split()

@@ -16,20 +16,23 @@ Files in ``checkpoint.save_dir`` (fairseq's names): ``checkpoint_<epoch>_<update
 of every ``save_interval`` epochs (unless ``no_epoch_checkpoints``; last ``keep_last_epochs`` kept),
 ``checkpoint_best.pt`` (best ``checkpoint.best_checkpoint_metric``, valid loss by default) and
 ``checkpoint_last.pt`` (newest). Each file is written to a temporary file, fsynced and renamed; the extra
-names are hard links (copies where links fail), also swapped in by rename, so a crash at any moment
-leaves every existing checkpoint intact.
+names are copies (as fairseq's), also swapped in by rename, so a crash at any moment leaves every existing
+checkpoint intact, and damage to one file (a disk error, a truncating copy) never reaches the others.
+
+Resume (:func:`find_resume_checkpoint`) loads ``checkpoint_last.pt``; if it is damaged it falls back to the
+newest intact checkpoint of the folder, with a notice, or stops with an error that names the file and
+the ways out.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import io
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 import numpy as np
 import torch
@@ -69,36 +72,120 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+class CheckpointError(RuntimeError):
+    """A file that should be a speechssl checkpoint is not (damaged, foreign); the message says what it is."""
+
+
+class _Writer(io.RawIOBase):
+    """A binary file wrapper that keeps the OSError of a failed write (torch.save turns it into an opaque
+    RuntimeError about zip positions)."""
+
+    def __init__(self, fh: BinaryIO):
+        self.fh, self.error = fh, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, rename (never a half-written ``path``)."""
-    with atomic_open(path, "wb") as fh:
-        torch.save(state, fh)
+    """torch.save to a temporary file beside ``path``, fsync, rename (never a half-written ``path``).
+
+    A failed write (disk full, quota) raises OSError naming ``path``; the previous ``path`` is untouched."""
+    path = Path(path)
+    try:
+        with atomic_open(path, "wb") as fh:
+            writer = _Writer(fh)
+            try:
+                torch.save(state, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
+    except OSError as exc:  # name the checkpoint, not its temporary file
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint on the CPU with ``weights_only=True``; the error names the file."""
+    """Load a speechssl checkpoint on the CPU with ``weights_only=True``.
+
+    Anything else raises CheckpointError saying what the file is (missing, empty, truncated, a fairseq or
+    transformers file, not a checkpoint) and, where ``speechssl import`` converts it, the command."""
+    from speechssl.interop.identify import not_a_checkpoint_message
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(not_a_checkpoint_message(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise RuntimeError(f"cannot load checkpoint {path}: {exc}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    except Exception:  # torch raises several types; its advice (weights_only=False) would be unsafe
+        raise CheckpointError(not_a_checkpoint_message(path)) from None
+    if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("config"), dict):
+        raise CheckpointError(not_a_checkpoint_message(path))  # e.g. a transformers pytorch_model.bin
+    return state
 
 
-def _link_atomically(src: Path, dst: Path) -> None:
-    """Make ``dst`` name the same content as ``src`` (hard link, else copy), swapped in by rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    os.unlink(tmp)
+def _copy_atomically(src: Path, dst: Path) -> None:
+    """Make ``dst`` an independent copy of ``src`` (temporary file, fsync, rename)."""
+    with atomic_open(dst, "wb") as out, open(src, "rb") as fh:
+        shutil.copyfileobj(fh, out, length=16 << 20)
+
+
+TRAINING_KEYS = ("model", "optimizer", "num_updates", "epoch", "batch_offset", "config")
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """A checkpoint that training can resume from (CheckpointError otherwise)."""
+    state = load_checkpoint(path)
+    missing = [k for k in TRAINING_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} holds no training state (no {', '.join(missing)}): not written by a "
+                              "training run")
+    return state
+
+
+def resume_candidates(save_dir: Path) -> list[Path]:
+    """The checkpoints of ``save_dir`` other than checkpoint_last.pt, newest first (by write time)."""
+    found = [p for p in save_dir.glob("checkpoint*.pt") if p.name != LAST and p.is_file()]
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+
+
+def find_resume_checkpoint(save_dir: Path) -> tuple[Optional[Path], Optional[dict[str, Any]], list[str]]:
+    """``(path, state, notices)`` of the checkpoint to resume from (``(None, None, [])``: start fresh).
+
+    ``checkpoint_last.pt`` if it loads; if it is damaged, the newest intact checkpoint of ``save_dir``
+    with a notice; CheckpointError naming the file and the options if none is intact."""
+    last = save_dir / LAST
+    if not last.exists():
+        return None, None, []
     try:
+        return last, load_training_state(last), []
+    except CheckpointError as exc:
+        damage = str(exc)
+    tried = []
+    for cand in resume_candidates(save_dir):
         try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, dst)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            state = load_training_state(cand)
+        except CheckpointError:
+            tried.append(cand.name)
+            continue
+        return cand, state, [f"warning: {damage}", f"warning: resuming from {cand.name} (update "
+                             f"{state['num_updates']}), the newest intact checkpoint in {save_dir}; the next save "
+                             f"replaces {LAST}"]
+    others = f" (also damaged: {', '.join(tried)})" if tried else " and no other checkpoint"
+    raise CheckpointError(
+        f"cannot resume: {damage}{others}. Options: restore {last} from a backup; start over with --restart --force "
+        "(deletes this run's files); or choose another checkpoint.save_dir")
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
@@ -135,6 +222,7 @@ class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, save_dir: Optional[Path] = None):
         self.cfg = cfg
         self.dir = Path(save_dir or cfg.save_dir)
+        self.resume_point: Optional[tuple[int, Path]] = None  # (update, file) a new run would resume from
 
     @property
     def last(self) -> Path:
@@ -152,8 +240,11 @@ class CheckpointManager:
             names.append(f"checkpoint_{epoch}_{num_updates}.pt")
         primary = self.dir / (names[0] if names else LAST)
         save_checkpoint(state, primary)
-        for extra in names[1:] + ([LAST] if names else []) + ([BEST] if is_best else []):
-            _link_atomically(primary, self.dir / extra)
+        for extra in names[1:] + ([LAST] if names else []):
+            _copy_atomically(primary, self.dir / extra)
+        self.resume_point = (num_updates, self.last)
+        if is_best:
+            _copy_atomically(primary, self.dir / BEST)
         self._prune()
         return primary
 
@@ -164,7 +255,7 @@ class CheckpointManager:
 
         for keep, files in ((self.cfg.keep_interval_updates, numbered(_UPDATE_RE, 2)),
                             (self.cfg.keep_last_epochs, numbered(_EPOCH_RE, 1))):
-            if keep >= 0:
+            if keep > 0:  # fairseq: 0 and -1 keep all
                 for old in files[keep:]:
                     with contextlib.suppress(FileNotFoundError):
                         old.unlink()

@@ -33,6 +33,7 @@ def run_recipe(args: argparse.Namespace, command: str, builder: Callable[[Any], 
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from speechssl.config import config_to_yaml, load_config
+    from speechssl.config_check import warnings
 
     cfg = load_config(args.recipe, args.overrides)
     if args.print_config:
@@ -41,15 +42,25 @@ def run_recipe(args: argparse.Namespace, command: str, builder: Callable[[Any], 
     if args.force and not args.restart:
         print(f"speechssl {command}: --force only applies with --restart (a run resumes without it)")
         return 2
+    if os.environ.get("RANK", "0") == "0":
+        for line in warnings(cfg):
+            print(f"speechssl {command}: warning: {line}", file=sys.stderr)
     build = builder(cfg)
     from speechssl.data.dataset import ManifestError
+    from speechssl.train.checkpoint import CheckpointError
+    from speechssl.train.distributed import DistributedError
     from speechssl.train.loop import RunOptions, run_training
     from speechssl.train.trainer import NonFiniteError
+    from speechssl.utils.io import os_error_message
 
     cfg.checkpoint.restart = cfg.checkpoint.restart or args.restart
     try:
         run_training(cfg, build, RunOptions(restart=cfg.checkpoint.restart, force=args.force))
-    except (ManifestError, NonFiniteError, *errors) as exc:
+    except (ManifestError, NonFiniteError, CheckpointError, DistributedError, *errors) as exc:
         print(f"speechssl {command}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"speechssl {command}: {os_error_message(exc)}; the checkpoints already written are intact: run the "
+              "same command again to resume", file=sys.stderr)
         return 1
     return 0

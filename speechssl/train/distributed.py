@@ -5,19 +5,38 @@
 * ``distributed_training.nproc=N`` without torchrun spawns N local processes (torch.multiprocessing)
   on a free localhost port.
 * Backend ``auto``: NCCL on CUDA, gloo on CPU. On CUDA, process ``local_rank`` uses GPU ``local_rank``.
+
+Restarts under torchrun (``--max-restarts``): torchrun's agents keep one key-value store for the whole
+job (``TORCHELASTIC_USE_AGENT_STORE``), and the keys a process group writes there at start-up (peer
+addresses, barrier counters) outlive the workers that wrote them. Restarted workers would read the dead
+workers' addresses and fail or hang in ``init_process_group`` (torch's per-restart key prefix is not
+the same on every node: pytorch/pytorch#135712). :func:`fresh_namespace` lets the restarted workers
+agree on a new random key prefix first, so every restart starts from an empty namespace; the workers
+then resume from ``checkpoint_last.pt``. Peers that do not show up within :data:`JOIN_TIMEOUT_S` end the
+run with a :class:`DistributedError` naming the missing ranks instead of a silent hang.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
+import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from datetime import timedelta
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from speechssl.config import CommonConfig, ConfigError, DistributedTrainingConfig
+
+
+JOIN_TIMEOUT_S = 600.0  # seconds the processes of a run wait for each other at start-up
+
+
+class DistributedError(RuntimeError):
+    """The processes of a run could not form their group, or lost a member; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -69,12 +88,68 @@ def init_distributed(common: CommonConfig, dcfg: DistributedTrainingConfig, rank
             backend = "nccl" if device.type == "cuda" else "gloo"
         if backend not in ("nccl", "gloo"):
             raise ConfigError(f"distributed_training.distributed_backend: '{backend}' is not auto, nccl or gloo")
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
+        store = None
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                        is_master=False, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
+            namespace = fresh_namespace(agent_store, rank, world_size, JOIN_TIMEOUT_S)
+            store = dist.PrefixStore(f"speechssl/{namespace}/", agent_store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 device_id=device if device.type == "cuda" else None)
     if device.type == "cpu" and world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def _get(store: dist.Store, key: str) -> Optional[str]:
+    return store.get(key).decode() if store.check([key]) else None
+
+
+def fresh_namespace(store: dist.Store, rank: int, world_size: int, timeout: float, poll: float = 0.05) -> str:
+    """A key prefix that all ``world_size`` processes now starting agree on, unused by any earlier process.
+
+    Keys of earlier (dead) workers may be anywhere in ``store``: each process announces a random id; rank 0
+    publishes a roster (a new random name + the ids it sees) until every rank has acknowledged a roster
+    that holds its own id, then says go. Stale ids, rosters and acknowledgements never match fresh ones.
+    """
+    me = uuid.uuid4().hex
+    store.set(f"speechssl/join/{rank}", me)
+    deadline = time.monotonic() + timeout
+    others = range(1, world_size)
+    roster, listed = "", None
+    while True:
+        if rank == 0:
+            ids = [me] + [_get(store, f"speechssl/join/{r}") for r in others]
+            if all(ids) and ids != listed:
+                roster, listed = uuid.uuid4().hex, ids
+                store.set("speechssl/roster", " ".join([roster] + ids))
+            if roster and all(_get(store, f"speechssl/ack/{r}") == roster for r in others):
+                store.set("speechssl/go", roster)
+                return roster
+            waiting = [r for r in others if _get(store, f"speechssl/ack/{r}") != roster]
+        else:
+            go = _get(store, "speechssl/go")
+            if roster and go == roster:
+                return roster
+            published = (_get(store, "speechssl/roster") or "").split()
+            if len(published) == world_size + 1 and published[1 + rank] == me and published[0] != roster:
+                roster = published[0]
+                store.set(f"speechssl/ack/{rank}", roster)
+            waiting = [0]
+        if time.monotonic() > deadline:
+            raise DistributedError(
+                f"rank {rank}: rank(s) {', '.join(map(str, waiting))} of {world_size} did not join within "
+                f"{timeout:g} s; start the same command on every node (a lost node: let the scheduler requeue "
+                "the job, it resumes from checkpoint_last.pt)")
+        time.sleep(poll)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another process of the group went away."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        s in text for s in ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "NCCL error"))
 
 
 def cleanup() -> None:

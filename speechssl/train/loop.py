@@ -12,6 +12,7 @@ collater, health alarms); everything else here is task-independent:
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,13 +23,15 @@ import torch
 from torch import nn
 
 from speechssl.config import Config, ConfigError, require_set, save_config
+from speechssl.config_check import check_values
 from speechssl.data.batching import EpochBatchSampler
 from speechssl.data.dataset import AudioDataset, Collater, collate
 from speechssl.train import checkpoint as ckpt
 from speechssl.train import distributed as dist
 from speechssl.train.lr_scheduler import build_lr_schedule
-from speechssl.train.metrics import HealthMonitor, IntervalMeter, MetricsLogger, format_eta
+from speechssl.train.metrics import HealthMonitor, IntervalMeter, MetricsLogger, Progress, format_eta
 from speechssl.train.trainer import Trainer, resolve_precision, seed_everything
+from speechssl.utils.io import deferred_interrupt
 
 
 @dataclass
@@ -57,6 +60,21 @@ class RunOptions:
 RUN_FILES = ("checkpoint*.pt", ".checkpoint*.tmp", "metrics.jsonl", "config.yaml", "tb")
 
 
+def check_save_dir(save_dir: Path) -> None:
+    """Create ``checkpoint.save_dir`` now, so that a file in the way or an unwritable place is reported before
+    any work, as a config error naming the key."""
+    if save_dir.exists() and not save_dir.is_dir():
+        raise ConfigError(f"checkpoint.save_dir={save_dir} is a file; give a folder (it is created if missing)")
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        probe = save_dir / f".speechssl-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"checkpoint.save_dir={save_dir}: cannot write there ({exc.strerror or exc}); choose a "
+                          "folder you can write to") from None
+
+
 def prepare_save_dir(save_dir: Path, options: RunOptions) -> None:
     """Apply ``--restart`` / ``--force``: refuse to clobber a previous run unless forced."""
     if not options.restart or not save_dir.exists():
@@ -77,20 +95,13 @@ def prepare_save_dir(save_dir: Path, options: RunOptions) -> None:
 
 
 def check_config(cfg: Config) -> None:
-    """Errors that are cheaper to report before any process starts."""
+    """What a training run needs beyond valid ranges (speechssl.config_check), before any process starts."""
+    check_values(cfg)  # again: a Config built in Python, not by load_config, gets the same errors
     require_set(cfg)
     if cfg.optimization.max_update <= 0 and cfg.optimization.max_epoch <= 0:
         raise ConfigError("set optimization.max_update (or optimization.max_epoch): training needs an end")
-    if cfg.optimization.update_freq < 1:
-        raise ConfigError(f"optimization.update_freq must be >= 1, got {cfg.optimization.update_freq}")
     if cfg.dataset.max_tokens is None and cfg.dataset.batch_size is None:
         raise ConfigError("set dataset.max_tokens (audio samples per batch) or dataset.batch_size")
-    mss, mt = cfg.task.max_sample_size, cfg.dataset.max_tokens
-    if mt is not None and mss is not None and mss > mt:
-        raise ConfigError(f"task.max_sample_size={mss} exceeds dataset.max_tokens={mt}: one crop would not fit in a "
-                          "batch; lower task.max_sample_size or raise dataset.max_tokens")
-    if cfg.common.log_format not in ("tqdm", "simple", "json"):
-        raise ConfigError(f"common.log_format: '{cfg.common.log_format}' is not tqdm, simple or json")
     build_lr_schedule(cfg)
     resolve_precision(cfg, dist.select_device(cfg.common), warn=False)
 
@@ -102,6 +113,7 @@ def run_training(cfg: Config, build: Callable[[Config], TrainingSetup], options:
     if dist.launched_by_torchrun():
         train_worker(cfg, build, options)
         return
+    check_save_dir(Path(cfg.checkpoint.save_dir))
     prepare_save_dir(Path(cfg.checkpoint.save_dir), options)
     options = RunOptions(restart=False, force=False)  # handled: the workers see a clean save_dir
     if nproc > 1:
@@ -116,9 +128,17 @@ def train_worker(cfg: Config, build: Callable[[Config], TrainingSetup], options:
     env = dist.init_distributed(cfg.common, cfg.distributed_training)
     try:
         if env.is_main and dist.launched_by_torchrun():
+            check_save_dir(Path(cfg.checkpoint.save_dir))
             prepare_save_dir(Path(cfg.checkpoint.save_dir), options)
         dist.barrier()
         train(cfg, build, env)
+    except RuntimeError as exc:
+        if env.distributed and dist.is_peer_failure(exc):
+            raise dist.DistributedError(
+                f"rank {env.rank}: lost the connection to another process of the run ({str(exc).splitlines()[0]}); "
+                "it probably died (see its log). Under torchrun --max-restarts the workers restart and resume from "
+                f"{Path(cfg.checkpoint.save_dir) / ckpt.LAST}; otherwise run the same command again") from None
+        raise
     finally:
         dist.cleanup()
 
@@ -152,6 +172,8 @@ class _Loop:
         self.manager = ckpt.CheckpointManager(cfg.checkpoint, self.save_dir)
         self.epoch, self.offset = 1, 0
         self.best: Optional[float] = None  # best validation value of checkpoint.best_checkpoint_metric
+        self.best_update: Optional[int] = None  # ... and the update it was reached at
+        self.start_update = 0  # where this process started (resumed) from
         self.logger: Optional[MetricsLogger] = None  # set by train() once the resume point is known
         d = cfg.dataset
         common = dict(max_tokens=d.max_tokens, max_sentences=d.batch_size,
@@ -169,15 +191,31 @@ class _Loop:
 
     # ------------------------------------------------------------------------------------------------
     def resume(self) -> list[str]:
-        """Load ``checkpoint_last.pt`` if there is one; return the lines to report."""
-        path = self.manager.last
-        if not path.exists():
+        """Load ``checkpoint_last.pt`` (or, if damaged, the newest intact checkpoint) if there is one;
+        return the lines to report. Rank 0 chooses the file, every rank loads it."""
+        choice: tuple[Optional[Path], list[str]] | str = (None, [])
+        state = None
+        if self.env.is_main:
+            try:
+                path, state, damage_notes = ckpt.find_resume_checkpoint(self.save_dir)
+                choice = (path, damage_notes)
+            except ckpt.CheckpointError as exc:
+                choice = str(exc)
+        choice = dist.broadcast_object(choice)
+        if isinstance(choice, str):
+            raise ckpt.CheckpointError(choice)
+        path, damage_notes = choice
+        if path is None:
             return []
-        state = ckpt.load_checkpoint(path)
+        if state is None:  # the other ranks
+            state = ckpt.load_training_state(path)
         others = ckpt.check_resume_config(self.cfg, state, path, self.setup.resume_sections)
         self.trainer.load_state_dict(state)
         self.epoch, self.offset = int(state["epoch"]), int(state["batch_offset"])
         self.best = state.get("best")
+        self.best_update = state.get("best_update")
+        self.manager.resume_point = (self.trainer.num_updates, path)
+        self.start_update = self.trainer.num_updates
         old_world = int(state.get("world_size", 1))
         rng = state.get("rng") or []
         notes = [f"resumed from {path} at update {self.trainer.num_updates} (epoch {self.epoch}, "
@@ -188,13 +226,13 @@ class _Loop:
             self.offset = self.offset * old_world // self.env.world_size
             notes.append(f"note: checkpoint written by {old_world} processes, now {self.env.world_size}: "
                          "the data position is mapped approximately, resume is not exact")
-        return notes + [f"  changed since the checkpoint: {line}" for line in others]
+        return damage_notes + notes + [f"  changed since the checkpoint: {line}" for line in others]
 
     def state(self, end_of_epoch: bool) -> dict[str, Any]:
         epoch, offset = (self.epoch + 1, 0) if end_of_epoch else (self.epoch, self.offset)
         return {**self.trainer.state_dict(), "epoch": epoch, "batch_offset": offset,
                 "world_size": self.env.world_size, "update_freq": self.cfg.optimization.update_freq,
-                "best": self.best, "rng": dist.all_gather_object(ckpt.rng_state()),
+                "best": self.best, "best_update": self.best_update, "rng": dist.all_gather_object(ckpt.rng_state()),
                 "config": self.cfg.to_dict(), "version": ckpt.VERSION}
 
     def msg(self, text: str) -> None:
@@ -207,7 +245,11 @@ class _Loop:
         if self.valid_loader is None:
             return None
         t0 = time.perf_counter()
-        stats = self.trainer.validate(self.valid_loader)
+        batches = self.valid_loader
+        if self.env.is_main:
+            batches = Progress(batches, len(self.valid_loader), f"valid (update {self.trainer.num_updates})",
+                               unit="batch", enabled=self.logger.format != "json")
+        stats = self.trainer.validate(batches)
         if stats is None:
             return None
         n, every = self.trainer.num_updates, self.cfg.probe.interval_updates
@@ -231,10 +273,11 @@ class _Loop:
         is_best = valid_loss is not None and (
             self.best is None or (valid_loss > self.best if maximize else valid_loss < self.best))
         if is_best:
-            self.best = valid_loss
+            self.best, self.best_update = valid_loss, self.trainer.num_updates
         state = self.state(end_of_epoch)  # every rank takes part (RNG gather)
         if self.env.is_main:
-            path = self.manager.save(state, self.epoch, self.trainer.num_updates, end_of_epoch, is_best)
+            with deferred_interrupt():  # Ctrl-C waits for the checkpoint and its copies
+                path = self.manager.save(state, self.epoch, self.trainer.num_updates, end_of_epoch, is_best)
             self.msg(f"saved {path.name} (update {self.trainer.num_updates}{', best' if is_best else ''})")
         dist.barrier()
 
@@ -335,14 +378,59 @@ def train(cfg: Config, build: Callable[[Config], TrainingSetup], env: dist.DistE
     tb_dir = Path(cfg.common.tensorboard_logdir) if cfg.common.tensorboard_logdir else save_dir / "tb"
     loop.logger = MetricsLogger(save_dir, cfg.common.log_format, tb_dir, trainer.num_updates,
                                 cfg.optimization.max_update, enabled=env.is_main)
+    t0 = time.time()
     try:
         if env.is_main:
             _summary(loop, recipe_world)
             for line in notes:
                 loop.msg(line)
         loop.run()
+    except KeyboardInterrupt:
+        if env.is_main:
+            loop.msg(_resume_note(loop))
+        raise
     finally:
         loop.logger.close()
+    if env.is_main and loop.trainer.num_updates > loop.start_update:
+        for line in end_summary(loop, time.time() - t0):
+            print(line, flush=True)
+
+
+def _resume_note(loop: _Loop) -> str:
+    n = loop.trainer.num_updates
+    if loop.manager.resume_point is None:
+        return (f"interrupted at update {n} before the first checkpoint: running the same command again starts "
+                "over (checkpoints every checkpoint.save_interval_updates updates)")
+    update, path = loop.manager.resume_point
+    return (f"interrupted at update {n}: running the same command again resumes from update {update} "
+            f"({path})")
+
+
+def end_summary(loop: _Loop, seconds: float) -> list[str]:
+    """The closing lines of a run: what was done, where the best checkpoint is, what to run next."""
+    cfg, n = loop.cfg, loop.trainer.num_updates
+    save_dir = loop.save_dir
+    lines = [f"done: update {n} (epoch {loop.epoch if loop.offset else loop.epoch - 1}), "
+             f"{n - loop.start_update} updates in {format_eta(seconds) if seconds >= 60 else f'{seconds:.1f} s'}"
+             + (f" (resumed at update {loop.start_update})" if loop.start_update else "")]
+    best = save_dir / ckpt.BEST
+    if loop.best is not None and best.exists():
+        at = f" at update {loop.best_update}" if loop.best_update is not None else ""
+        lines.append(f"best valid {cfg.checkpoint.best_checkpoint_metric} {loop.best:.4g}{at}: {best}")
+    else:
+        best = save_dir / ckpt.LAST
+    lines.append(f"last: {save_dir / ckpt.LAST}")
+    lines.append("next:")
+    lines.append(f"  speechssl plot {save_dir}")
+    if cfg.task.name in ("audio_pretraining", "hubert_pretraining"):
+        lines.append(f"  speechssl finetune recipes/ctc_tiny.yaml task.data=LABELED_MANIFEST_DIR "
+                     f"model.w2v_path={best} checkpoint.save_dir={save_dir}_ctc")
+    else:
+        data = Path(cfg.task.data)
+        split = "test" if (data / "test.tsv").exists() else cfg.dataset.valid_subset
+        lines.append(f"  speechssl evaluate {best} {data} --split {split}")
+    lines.append(f"  speechssl export {best} --to hf --out {save_dir}_hf")
+    return lines
 
 
 def _summary(loop: _Loop, recipe_world: Optional[int]) -> None:

@@ -89,11 +89,7 @@ def build_lr_schedule(cfg: Config) -> Schedule:
             f"lr_scheduler.name={s.name} needs the number of updates: set optimization.max_update "
             "(or lr_scheduler.total_num_update)"
         )
-    if s.name == "polynomial_decay":
-        if s.warmup_updates >= total:
-            raise ConfigError(
-                f"lr_scheduler.warmup_updates={s.warmup_updates} must be below the total number of updates ({total})"
-            )
+    if s.name == "polynomial_decay":  # warmup_updates >= total: all warm-up, cut short (fairseq; a warning)
         return polynomial_decay(lr, s.warmup_updates, total, s.end_learning_rate, s.power)
     if s.name == "tri_stage":
         if s.phase_ratio is None:

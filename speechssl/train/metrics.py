@@ -150,6 +150,46 @@ def format_eta(seconds: float) -> str:
     return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
 
 
+PROGRESS_SECONDS = 30.0  # without a terminal: one progress line per this many seconds (none for quick work)
+
+
+class Progress:
+    """Wrap an iterable of known length with progress and ETA: a tqdm bar on a terminal (stderr), else a
+    line ``desc: i/total unit (p%), eta H:MM:SS`` every :data:`PROGRESS_SECONDS` (log files stay short)."""
+
+    def __init__(self, iterable: Any, total: int, desc: str, unit: str = "it", enabled: bool = True,
+                 stream: Optional[TextIO] = None):
+        self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
+        self.enabled = enabled and total > 0
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self):
+        import time
+
+        if not self.enabled:
+            yield from self.iterable
+            return
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            yield from tqdm(self.iterable, total=self.total, desc=self.desc, unit=self.unit, leave=False,
+                            dynamic_ncols=True, mininterval=1.0)
+            return
+        start = last = time.perf_counter()
+        stream = self.stream or sys.stdout
+        for i, item in enumerate(self.iterable, 1):
+            yield item
+            now = time.perf_counter()
+            if now - last >= PROGRESS_SECONDS and i < self.total:
+                rate = i / (now - start)
+                print(f"{self.desc}: {i}/{self.total} {self.unit} ({100 * i / self.total:.0f}%), "
+                      f"eta {format_eta((self.total - i) / rate)}", file=stream, flush=True)
+                last = now
+
+
 class MetricsLogger:
     """Rank 0's sinks: stdout (tqdm bar / simple lines / JSON lines), metrics.jsonl, TensorBoard."""
 
