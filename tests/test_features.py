@@ -232,4 +232,4 @@ def test_layer_rejects_bad_checkpoints_and_layers(corpus, tmp_path, capsys):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     assert features("layer", str(corpus), "--out", str(tmp_path / "f"), "--ckpt", str(tmp_path / "other.pt"),
                     "--layer", "1") == 1
-    assert "not a speechssl training checkpoint" in capsys.readouterr().err
+    assert "not a speechssl checkpoint" in capsys.readouterr().err

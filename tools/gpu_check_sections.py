@@ -120,12 +120,13 @@ def recipe_config(name: str, max_tokens: int, device: torch.device, dry_run: boo
 
     recipe = ROOT / "recipes" / ("wav2vec2_base.yaml" if name == "wav2vec2" else "hubert_base_iter2.yaml")
     extra = [f"model.num_classes=[{K_ITER2}]", "model.label_rate=50"] if name == "hubert" else []
+    if dry_run:  # 0.5 s crops (the config check wants crops that fit a batch)
+        extra.append("task.max_sample_size=8000")
     cfg = load_config(recipe, ["common.fp16=false", "common.bf16=true", f"common.device={device.type}",
                                "model.encoder_layerdrop=0.0", f"dataset.max_tokens={max_tokens}", *extra,
                                *overrides])
     if dry_run:
         cfg.model = wav2vec2_tiny_config() if name == "wav2vec2" else hubert_tiny_config([8], 50.0)
-        cfg.task.max_sample_size = 8000
     return cfg
 
 
