@@ -183,6 +183,7 @@ class ModelConfig:
     conv_feature_layers: ConvLayers = field(default_factory=lambda: list(BASE_CONV_LAYERS))
     fbank_num_mel_bins: int = 80  # extractor_mode fbank: Kaldi log-mel filterbanks every 10 ms ...
     fbank_stack: int = 2  # ... with this many consecutive frames concatenated (2: 20 ms frames)
+    fbank_standardize: bool = False  # ... each utterance's bins to zero mean, unit variance (w2v-BERT)
     conv_bias: bool = False
     feature_grad_mult: float = 0.1
     # transformer

@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=number(0), default=0.0, help="downstream learning rate (0: 2e-3 asr, 1e-2 sid)")
     p.add_argument("--batch-size", type=POSITIVE, default=d.batch_size, help="asr: utterances per update")
     p.add_argument("--hidden", type=POSITIVE, default=d.hidden, help="asr: LSTM units per direction")
+    p.add_argument("--lstm-layers", type=NON_NEGATIVE, default=d.lstm_layers,
+                   help="asr: BiLSTM layers; 0: a linear CTC head (fast; for upstreams with context, not fbank)")
     p.add_argument("--eval-interval", type=POSITIVE, default=d.eval_interval, help="updates between validations")
     p.add_argument("--seed", type=NON_NEGATIVE, default=d.seed, help="downstream (and --random-init) seed")
     p.add_argument("--train-split", default=d.train_split)
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"speechssl probe: {out_file} exists; add --force to replace it", file=sys.stderr)
         return 2
     cfg = ProbeConfig(task=args.task, updates=args.updates, lr=args.lr, batch_size=args.batch_size,
-                      hidden=args.hidden, eval_interval=args.eval_interval, seed=args.seed,
+                      hidden=args.hidden, lstm_layers=args.lstm_layers, eval_interval=args.eval_interval,
+                      seed=args.seed,
                       train_split=args.train_split, valid_split=args.valid_split,
                       test_split=None if args.test_split in (None, "none") else args.test_split)
     try:

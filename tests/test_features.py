@@ -56,6 +56,23 @@ def test_mfcc_matches_torchaudio_kaldi_at_100hz():
     assert [len(ex.prepare(np.zeros(n, np.float32))) for n in sizes] == [0, 0, 1, 1, 2, 98]
 
 
+def test_mfcc_cmvn_standardizes_each_utterance_and_removes_a_microphone():
+    """--cmvn: each utterance's 39 dims to zero mean / unit variance; a fixed filter on the audio (a
+    different microphone) moves raw MFCCs far more than standardized ones."""
+    rng = np.random.default_rng(0)
+    wave = (0.1 * rng.standard_normal(16000)).astype(np.float32)
+    wave[4000:8000] *= 4  # some dynamics
+    raw, std = MfccExtractor(SR), MfccExtractor(SR, cmvn=True)
+    feats = std.prepare(wave)
+    np.testing.assert_allclose(feats.mean(axis=0), 0, atol=1e-4)
+    np.testing.assert_allclose(feats.std(axis=0), 1, atol=1e-3)
+    coloured = np.convolve(wave, [1.0, 0.9], mode="same").astype(np.float32)  # a bright microphone
+    shift_raw = np.abs(raw.prepare(coloured) - raw.prepare(wave))[:, :13].mean()
+    shift_std = np.abs(std.prepare(coloured) - feats)[:, :13].mean()
+    assert shift_std < 0.5 * shift_raw / raw.prepare(wave)[:, :13].std()
+    assert std.settings()["cmvn"] is True and raw.settings()["cmvn"] is False
+
+
 def test_shard_ranges_cover_every_line_once():
     for total in (1, 2, 7, 100, 1001):
         for nshard in range(1, min(total, 9) + 1):

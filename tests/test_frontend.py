@@ -56,3 +56,33 @@ def test_models_on_the_log_mel_front_end_train_everything_but_the_front_end(make
     assert out["padding_mask"][1].sum() == 49 - model.feature_extractor.output_lengths(torch.tensor(9000))
     loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("encoder.layers"))
+
+
+def test_standardized_log_mel_ignores_padding():
+    """model.fbank_standardize: every bin of every utterance zero-mean unit-variance over its own valid
+    frames; an utterance padded in a batch gets the same frames as alone."""
+    torch.manual_seed(0)
+    fe = FbankFeatureExtractor(80, 2, standardize=True)
+    a, b = torch.randn(1, 16000) * 0.3, torch.randn(1, 9000) * 0.01
+    alone = fe(a)[0].view(-1, 2, 80).reshape(-1, 80)
+    torch.testing.assert_close(alone.mean(0), torch.zeros(80), atol=1e-4, rtol=0)
+    torch.testing.assert_close(alone.std(0, correction=0), torch.ones(80), atol=1e-3, rtol=0)
+    batch = torch.zeros(2, 16000)
+    batch[0], batch[1, :9000] = a[0], b[0]
+    out = fe(batch, torch.tensor([16000, 9000]))
+    n = int(fe.output_lengths(torch.tensor(9000)))
+    torch.testing.assert_close(out[1, :n], fe(b)[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[0], fe(a)[0])
+    assert not torch.allclose(fe(batch)[1, :n], fe(b)[0], atol=1e-2)  # without lengths the padding counts
+
+
+def test_model_passes_the_valid_lengths_to_the_standardizing_front_end():
+    cfg = dataclasses.replace(wav2vec2_tiny_config(), extractor_mode="fbank", fbank_standardize=True)
+    model = build_model(cfg).eval()
+    x = torch.randn(2, 16000) * 0.1
+    pad = torch.zeros(2, 16000, dtype=torch.bool)
+    pad[1, 9000:] = True
+    n = int(model.feature_extractor.output_lengths(torch.tensor(9000)))
+    both = model(x, pad, mask=False, features_only=True)["conv_features"]
+    alone = model(x[1:, :9000], mask=False, features_only=True)["conv_features"]
+    torch.testing.assert_close(both[1, :n], alone[0], atol=1e-4, rtol=1e-4)

@@ -11,7 +11,8 @@
 #
 # Environment: K (100 / 500), LAYER (6), PERCENT (10), NSHARD (feature shards run in parallel, 1),
 #   WORKERS (audio-reading processes per shard, 2), DEVICE (auto), SPLITS (default: every <split>.tsv),
-#   SPEECHSSL (the command; default: this checkout's .venv), FORCE=1 (redo everything).
+#   SPEECHSSL (the command; default: this checkout's .venv), FORCE=1 (redo everything),
+#   CMVN=1 (iteration 1: standardize each utterance's MFCCs; not in fairseq, see speechssl features mfcc --help).
 # Every step resumes: finished feature shards, an existing km.pt and existing label files are kept
 # unless FORCE=1.
 set -euo pipefail
@@ -36,6 +37,7 @@ FORCE_FLAG=()
 
 if [[ -z "$CKPT" ]]; then
   ITER=it1; K=${K:-100}; KIND=(mfcc)
+  [[ "${CMVN:-0}" == 1 ]] && KIND+=(--cmvn)
 else
   [[ -f "$CKPT" ]] || { echo "hubert_labels: checkpoint not found: $CKPT" >&2; exit 2; }
   ITER=it2; K=${K:-500}; KIND=(layer --ckpt "$CKPT" --layer "${LAYER:-6}" --device "$DEVICE")

@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        formatter_class=fmt)
     _common(m)
     m.add_argument("--sample-rate", type=POSITIVE, default=16000, help="every file must have this rate")
+    m.add_argument("--cmvn", action="store_true",
+                   help="standardize each utterance's 39 dims (not in fairseq; for audio whose microphone changes)")
     lay = sub.add_parser("layer", help="a trained model's transformer layer output", description=DESCRIPTION,
                          formatter_class=fmt)
     _common(lay)
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             from speechssl.features.mfcc import MfccExtractor
 
             torch.set_num_threads(1)  # per-file MFCCs are tiny ops; threads only spin
-            extractor = MfccExtractor(args.sample_rate)
+            extractor = MfccExtractor(args.sample_rate, cmvn=args.cmvn)
         else:
             from speechssl.features.layer import LayerExtractor
 

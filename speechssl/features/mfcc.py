@@ -3,6 +3,11 @@
 Same computation as fairseq's ``examples/hubert/simple_kmeans/dump_mfcc_feature.py`` (the call itself is
 :func:`speechssl._torchaudio.kaldi_mfcc_deltas`): 25 ms windows every 10 ms with Kaldi's ``snip_edges``,
 so an utterance of ``T`` samples at 16 kHz has ``1 + (T - 400) // 160`` frames (0 below one window).
+
+Not in fairseq: ``cmvn`` standardizes each utterance's features (Kaldi's per-utterance ``apply-cmvn`` with
+variance normalization). On audio whose recording conditions change between sessions (the demo corpus:
+every chapter its own microphone) k-means of raw MFCCs spends clusters on the microphones; of normalized
+ones, on the sounds.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ class MfccExtractor:
     kind = "mfcc"
     dim = 39
 
-    def __init__(self, sample_rate: int = 16000):
+    def __init__(self, sample_rate: int = 16000, cmvn: bool = False):
         self.sample_rate = sample_rate
+        self.cmvn = cmvn  # each utterance's 39 dims to zero mean, unit variance (Kaldi's apply-cmvn)
         # Kaldi: window and shift in samples are int(sr * ms / 1000)
         self.window = int(sample_rate * FRAME_LENGTH_MS * 0.001)
         self.shift = int(sample_rate * FRAME_SHIFT_MS * 0.001)
@@ -34,7 +40,8 @@ class MfccExtractor:
 
     def settings(self) -> dict[str, Any]:
         return {"num_ceps": 13, "deltas": 2, "frame_length_ms": FRAME_LENGTH_MS, "frame_shift_ms": FRAME_SHIFT_MS,
-                "use_energy": False, "snip_edges": True, "impl": "torchaudio.compliance.kaldi.mfcc"}
+                "use_energy": False, "snip_edges": True, "impl": "torchaudio.compliance.kaldi.mfcc",
+                "cmvn": self.cmvn}
 
     def num_frames(self, num_samples: np.ndarray) -> np.ndarray:
         """Frames of utterances of ``num_samples`` samples (int array)."""
@@ -48,7 +55,10 @@ class MfccExtractor:
         if len(wave) < self.window:
             return np.zeros((0, self.dim), dtype=np.float32)
         with torch.inference_mode():
-            return kaldi_mfcc_deltas(torch.from_numpy(wave), self.sample_rate).numpy()
+            feats = kaldi_mfcc_deltas(torch.from_numpy(wave), self.sample_rate).numpy()
+        if self.cmvn:
+            feats = (feats - feats.mean(axis=0)) / (feats.std(axis=0) + 1e-5)
+        return feats.astype(np.float32, copy=False)
 
     def compute(self, item: np.ndarray) -> np.ndarray:
         return item

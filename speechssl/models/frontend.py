@@ -4,7 +4,9 @@
   (:class:`~speechssl.models.components.ConvFeatureExtractor`), the published models' front-end;
 * ``fbank``: :class:`FbankFeatureExtractor`, 80-d Kaldi log-mel filterbanks every 10 ms with
   ``model.fbank_stack`` consecutive frames stacked (2: 20 ms frames of 160 values, the rate of the
-  conv stack), as fairseq2's w2v-BERT, MelHuBERT, Fast-HuBERT and BEST-RQ use. It has no parameters:
+  conv stack), as fairseq2's w2v-BERT, MelHuBERT, Fast-HuBERT and BEST-RQ use; with
+  ``model.fbank_standardize`` each utterance's bins are standardized (w2v-BERT's input: removes the
+  microphone's spectral colouring and the level). It has no parameters:
   at small scale the learned waveform front-end costs most of the compute (about 80% of the tiny
   recipes' step) and has to be learned before anything above it can; the log-mel front-end starts from
   features that already separate speech sounds.
@@ -17,6 +19,7 @@ published settings).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -40,8 +43,9 @@ class FbankFeatureExtractor(nn.Module):
     ``L = output_lengths(T)``. No parameters (the mel matrix and window are non-persistent buffers).
     """
 
-    def __init__(self, num_mel_bins: int = 80, stack: int = 2, sample_rate: int = 16000):
+    def __init__(self, num_mel_bins: int = 80, stack: int = 2, sample_rate: int = 16000, standardize: bool = False):
         super().__init__()
+        self.standardize = standardize
         if num_mel_bins < 1 or stack < 1:
             raise ValueError(f"model.fbank_num_mel_bins ({num_mel_bins}) and model.fbank_stack ({stack}) must be >= 1")
         from speechssl._torchaudio import kaldi_mel_banks
@@ -72,16 +76,34 @@ class FbankFeatureExtractor(nn.Module):
             mel = spectrum @ self.mel_banks
             return mel.clamp(min=torch.finfo(torch.float32).eps).log()
 
-    def forward(self, source: Tensor) -> Tensor:
+    def forward(self, source: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+        """``source (B, T)``; ``lengths (B,)`` valid samples per utterance (None: all), used by
+        ``standardize`` so that padding never enters the statistics."""
         if source.dim() != 2:
             raise ValueError(f"expected a (batch, samples) waveform, got shape {tuple(source.shape)}")
-        L = self.num_frames(source.shape[1])
+        L = int(self.output_lengths(torch.tensor(source.shape[1])))
         if L < 1:
             raise ValueError(f"input of {source.shape[1]} samples is shorter than the log-mel front-end's "
                              f"{self.window_size + (self.stack - 1) * self.shift} samples; drop such inputs "
                              "(task.min_sample_size)")
         x = self.log_mel(source)[:, : L * self.stack]
+        if self.standardize:
+            x = self._standardize(x, lengths)
         return x.reshape(x.shape[0], L, self.out_channels)
+
+    def _standardize(self, x: Tensor, lengths: Optional[Tensor]) -> Tensor:
+        """Each mel bin of each utterance to zero mean and unit variance over its valid 10 ms frames
+        (fairseq2's ``WaveformToFbankConverter(standardize=True)``, w2v-BERT's input). ``x (B, F, M)``."""
+        if lengths is None:
+            var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
+        else:
+            frames = (torch.div(lengths - self.window_size, self.shift, rounding_mode="floor") + 1).clamp(min=1)
+            valid = torch.arange(x.shape[1], device=x.device)[None, :] < frames.to(x.device)[:, None]
+            w = valid.unsqueeze(-1).to(x.dtype)
+            n = w.sum(dim=1, keepdim=True).clamp(min=1.0)
+            mean = (x * w).sum(dim=1, keepdim=True) / n
+            var = ((x - mean).square() * w).sum(dim=1, keepdim=True) / n
+        return (x - mean) * (var + 1e-5).rsqrt()
 
     def output_lengths(self, lengths: Tensor) -> Tensor:
         """Number of stacked frames for inputs of ``lengths`` samples (any integer tensor shape; >= 0)."""
@@ -99,5 +121,5 @@ class FbankFeatureExtractor(nn.Module):
 def build_feature_extractor(cfg: ModelConfig) -> nn.Module:
     """The front-end named by ``cfg.extractor_mode`` (see the module docstring)."""
     if cfg.extractor_mode == FBANK_MODE:
-        return FbankFeatureExtractor(cfg.fbank_num_mel_bins, cfg.fbank_stack)
+        return FbankFeatureExtractor(cfg.fbank_num_mel_bins, cfg.fbank_stack, standardize=cfg.fbank_standardize)
     return ConvFeatureExtractor(cfg.conv_feature_layers, cfg.extractor_mode, cfg.conv_bias)

@@ -177,7 +177,7 @@ class HubertModel(nn.Module):
             if len(target_list) != len(self.num_classes):
                 raise ValueError(f"{len(target_list)} label sets given, but the model was built for "
                                  f"{len(self.num_classes)} (model.num_classes={self.num_classes})")
-        conv = self.extract_conv_features(source)
+        conv = self.extract_conv_features(source, padding_mask)
         if target_list is not None and not features_only:
             conv, target_list = self.forward_targets(conv, target_list)
         features_pen = self.feature_penalty(conv)

@@ -127,11 +127,16 @@ class Wav2Vec2Model(nn.Module):
         lengths = self.feature_extractor.output_lengths((~padding_mask).sum(dim=1))
         return torch.arange(num_frames, device=padding_mask.device)[None, :] >= lengths[:, None]
 
-    def extract_conv_features(self, source: Tensor) -> Tensor:
+    def extract_conv_features(self, source: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """``(B, T) -> (B, L, C)``, scaling the gradient by ``feature_grad_mult`` (0, or a front-end without
-        parameters such as log-mel filterbanks: no graph at all)."""
+        parameters such as log-mel filterbanks: no graph at all). ``padding_mask (B, T)`` reaches the
+        log-mel front-end (its per-utterance standardization skips padding); the conv stack ignores it."""
+        if self.cfg.extractor_mode == "fbank":
+            lengths = None if padding_mask is None else (~padding_mask).sum(dim=1)
+            with torch.no_grad():
+                return self.feature_extractor(source, lengths)
         mult = self.cfg.feature_grad_mult
-        if mult > 0 and self.cfg.extractor_mode != "fbank":
+        if mult > 0:
             features = self.feature_extractor(source)
             return GradMultiply.apply(features, mult) if mult != 1.0 else features
         with torch.no_grad():
@@ -225,7 +230,7 @@ class Wav2Vec2Model(nn.Module):
             raise ValueError(f"source must be (batch, samples), got shape {tuple(source.shape)}")
         if padding_mask is not None and padding_mask.shape != source.shape:
             raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} != source shape {tuple(source.shape)}")
-        conv = self.extract_conv_features(source)
+        conv = self.extract_conv_features(source, padding_mask)
         features_pen = self.feature_penalty(conv)
         frame_pad = self.frame_padding_mask(padding_mask, conv.shape[1])
         x, features = self.feature_projection(conv)

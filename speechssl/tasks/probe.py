@@ -48,7 +48,8 @@ class ProbeConfig:
     lr: float = 0.0
     batch_size: int = 8  # utterances per update (asr); sid trains on all utterances at once
     hidden: int = 128  # asr: LSTM units per direction
-    lstm_layers: int = 1
+    lstm_layers: int = 1  # asr: 0 = a linear CTC head on the weighted sum (no context of its own: fast,
+    # measures what the upstream itself makes linearly readable; not for fbank, which has no context)
     dropout: float = 0.2
     time_mask: float = 0.1  # asr: fraction of the frames zeroed in spans of up to 10 frames
     eval_interval: int = 100
@@ -67,9 +68,11 @@ def resolved(cfg: ProbeConfig) -> ProbeConfig:
         raise ConfigError(f"probe task '{cfg.task}': choose one of {', '.join(TASKS)}")
     d = DEFAULTS[cfg.task]
     out = dataclasses.replace(cfg, updates=cfg.updates or d["updates"], lr=cfg.lr or d["lr"])
-    for name in ("updates", "batch_size", "hidden", "lstm_layers", "eval_interval"):
+    for name in ("updates", "batch_size", "hidden", "eval_interval"):
         if getattr(out, name) < 1:
             raise ConfigError(f"probe {name} must be >= 1, got {getattr(out, name)}")
+    if out.lstm_layers < 0:
+        raise ConfigError(f"probe lstm_layers must be >= 0 (0: a linear head), got {out.lstm_layers}")
     if not 0.0 <= out.dropout < 1.0 or not 0.0 <= out.time_mask < 0.5:
         raise ConfigError(f"probe dropout must be in [0, 1) and time_mask in [0, 0.5), got {out.dropout}, "
                           f"{out.time_mask}")
@@ -268,15 +271,18 @@ class BiLSTM(nn.Module):
 
 
 class AsrProbe(nn.Module):
-    """Weighted sum of ``N`` states -> Linear(D, H) -> BiLSTM -> Linear(2H, V). ``(N, B, L, D) -> (B, L, V)``."""
+    """Weighted sum of ``N`` states -> Linear(D, H) -> BiLSTM -> Linear(2H, V). ``(N, B, L, D) -> (B, L, V)``.
+    ``layers=0``: weighted sum -> Linear(D, V) (a linear probe)."""
 
     def __init__(self, num_states: int, dim: int, vocab_size: int, hidden: int, layers: int, dropout: float):
         super().__init__()
         self.weights = nn.Parameter(torch.zeros(num_states))
-        self.proj = nn.Linear(dim, hidden)
-        self.lstm = BiLSTM(hidden, hidden, layers, dropout)
         self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(2 * hidden, vocab_size)
+        self.proj = self.lstm = None
+        if layers > 0:
+            self.proj = nn.Linear(dim, hidden)
+            self.lstm = BiLSTM(hidden, hidden, layers, dropout)
+        self.out = nn.Linear(2 * hidden if layers > 0 else dim, vocab_size)
 
     def featurize(self, states: Tensor) -> Tensor:
         return torch.einsum("n,nbld->bld", self.weights.softmax(0), states)
@@ -285,6 +291,8 @@ class AsrProbe(nn.Module):
         x = self.featurize(states)
         if time_mask is not None:
             x = x.masked_fill(time_mask.unsqueeze(-1), 0.0)
+        if self.lstm is None:
+            return self.out(self.dropout(x))
         x = self.dropout(F.gelu(self.proj(self.dropout(x))))
         return self.out(self.dropout(self.lstm(x, lengths)))
 
