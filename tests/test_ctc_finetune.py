@@ -257,3 +257,27 @@ def test_validation_blank_alarm_points_at_masking():
     alarms = crit.derived_metrics(stats)["alarms"]
     assert "only blanks" in alarms[0] and "model.apply_mask=false" in alarms[0]
     assert "alarms" not in crit.derived_metrics({**stats, "emit_ratio": 0.7})
+
+
+def test_no_pretrained_weights_takes_the_architecture_not_the_weights(tmp_path, corpus):
+    """model.w2v_path + model.no_pretrained_weights: the from-scratch baseline of an experiment gets the
+    upstream's architecture (here a non-default encoder width) with fresh weights, and no normalisation
+    check (nothing of the upstream is used but its shape)."""
+    from speechssl.models import Wav2Vec2Model, wav2vec2_tiny_config
+    from speechssl.tasks.ctc import build_ctc_finetuning
+
+    ckpt = tmp_path / "pre.pt"
+    cfg = Config(model=dataclasses.replace(wav2vec2_tiny_config(), encoder_embed_dim=64, encoder_ffn_embed_dim=80))
+    cfg.task.normalize = True
+    pre = Wav2Vec2Model(cfg.model)
+    save_checkpoint({"model": pre.state_dict(), "config": cfg.to_dict()}, ckpt)
+    rec = tiny_ctc_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run",
+                          model={"w2v_path": str(ckpt), "no_pretrained_weights": True})
+    setup = build_ctc_finetuning(load_config(rec))
+    up = setup.model.w2v_model
+    assert up.cfg.encoder_embed_dim == 64 and up.cfg.no_pretrained_weights
+    ref = pre.state_dict()
+    assert not torch.equal(up.state_dict()["encoder.layers.0.fc1.weight"], ref["encoder.layers.0.fc1.weight"])
+    loaded = build_ctc_finetuning(load_config(rec, ["model.no_pretrained_weights=false", "task.normalize=true"]))
+    assert torch.equal(loaded.model.w2v_model.state_dict()["encoder.layers.0.fc1.weight"],
+                       ref["encoder.layers.0.fc1.weight"])

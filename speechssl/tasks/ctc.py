@@ -109,15 +109,19 @@ def build_ctc_finetuning(cfg: Config):
         raise ConfigError(f"task.name=audio_finetuning needs criterion.name=ctc, got '{cfg.criterion.name}'")
     vocab = build_vocabulary(cfg)
     # resolve the upstream's architecture into cfg.model: saved with every checkpoint
-    pretrained = bool(cfg.model.w2v_path)
-    cfg.model = resolve_finetune_config(cfg.model, cfg.task.normalize)  # refuses another normalisation
+    # model.no_pretrained_weights with model.w2v_path: the upstream's architecture, randomly initialised (the
+    # from-scratch baseline of an experiment, without spelling the architecture out)
+    random_init = bool(cfg.model.w2v_path) and cfg.model.no_pretrained_weights
+    pretrained = bool(cfg.model.w2v_path) and not random_init
+    cfg.model = resolve_finetune_config(cfg.model, None if random_init else cfg.task.normalize)
+    cfg.model.no_pretrained_weights = random_init
     model = build_ctc_model(cfg.model, len(vocab), load_upstream=pretrained)
     train = ctc_dataset(cfg, cfg.dataset.train_subset, vocab)
     valid = None if cfg.dataset.disable_validation else ctc_dataset(cfg, cfg.dataset.valid_subset, vocab)
     health = HealthMonitor(blank_alarm_update=blank_alarm_start(cfg))
     m = cfg.model
     summary = [
-        f"fine-tuning: {'upstream ' + str(m.w2v_path) if pretrained else 'from scratch (no model.w2v_path)'}, "
+        f"fine-tuning: {'upstream ' + str(m.w2v_path) if pretrained else 'from scratch (the architecture of ' + str(m.w2v_path) + ', random weights)' if random_init else 'from scratch (no model.w2v_path)'}, "
         f"{m.name} {m.encoder_layers}x{m.encoder_embed_dim}; {vocab.kind} vocabulary of {len(vocab)} symbols; "
         f"upstream frozen for {m.freeze_finetune_updates} updates; feature extractor "
         f"{'frozen' if m.feature_grad_mult == 0 else f'trained (feature_grad_mult {m.feature_grad_mult})'}",
