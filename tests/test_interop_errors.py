@@ -162,3 +162,19 @@ def test_resampled_audio_gets_the_umask(tmp_path):
         os.umask(old)
     converted = list((tmp_path / "conv").rglob("*.flac"))
     assert len(converted) == 3 and {stat.S_IMODE(p.stat().st_mode) for p in converted} == {0o644}
+
+
+def test_export_of_a_log_mel_model_is_refused_with_the_reason(tmp_path, capsys):
+    import dataclasses
+
+    from speechssl.cli import main
+    from speechssl.models import Wav2Vec2Model, wav2vec2_tiny_config
+    from test_interop_common import save_model
+
+    model = Wav2Vec2Model(dataclasses.replace(wav2vec2_tiny_config(), extractor_mode="fbank"))
+    ckpt = save_model(tmp_path / "mel.pt", model)
+    for target in ("hf", "torchaudio", "onnx"):
+        assert main(["export", str(ckpt), "--to", target, "--out", str(tmp_path / target)]) == 1
+        err = capsys.readouterr().err
+        assert "log-mel front-end" in err and "only waveform models export" in err
+        assert not (tmp_path / target).exists()

@@ -144,6 +144,11 @@ def run_export(args: argparse.Namespace) -> int:
 
     try:
         loaded = load_speechssl(args.ckpt)
+        if loaded.cfg.model.extractor_mode == "fbank":
+            raise InteropError(f"{args.ckpt} has speechssl's log-mel front-end (model.extractor_mode=fbank), which "
+                               f"{args.target}'s wav2vec 2.0 / HuBERT models do not have (they read waveforms "
+                               "through the conv stack): only waveform models export; use the checkpoint with "
+                               "speechssl itself (finetune, evaluate, extract, probe)")
         left_out: list[str] = []
         if args.target == "hf":
             from speechssl.interop.hf import export_hf
