@@ -1,0 +1,61 @@
+"""tools/experiment_pretraining.py: the step runner (order, exclusivity, resume) and the results table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import experiment_pretraining as exp  # noqa: E402
+
+
+def _step(tmp_path: Path, name: str, after=(), alone=False, seconds=0.3) -> exp.Step:
+    """A step that records its start and end time in a file of its own."""
+    out = tmp_path / f"{name}.json"
+    code = (f"import json, time; t = time.time(); time.sleep({seconds}); "
+            f"json.dump([t, time.time()], open({str(out)!r}, 'w'))")
+    return exp.Step(name, [sys.executable, "-c", code], out, tmp_path / f"{name}.log", alone=alone, after=list(after))
+
+
+def _span(tmp_path: Path, name: str) -> tuple[float, float]:
+    return tuple(json.loads((tmp_path / f"{name}.json").read_text()))
+
+
+def test_steps_wait_for_their_dependencies_and_alone_steps_run_alone(tmp_path):
+    steps = [_step(tmp_path, "a", alone=True), _step(tmp_path, "b", after=["a"]), _step(tmp_path, "c", after=["a"]),
+             _step(tmp_path, "d", after=["b"], alone=True), _step(tmp_path, "e")]
+    seconds = exp.run_steps(steps, jobs=2)
+    assert set(seconds) == set("abcde")
+    span = {n: _span(tmp_path, n) for n in "abcde"}
+    assert span["b"][0] >= span["a"][1] and span["c"][0] >= span["a"][1] and span["d"][0] >= span["b"][1]
+    for alone in "ad":  # nothing overlaps an alone step
+        for other in set("abcde") - {alone}:
+            assert span[other][1] <= span[alone][0] or span[other][0] >= span[alone][1], (alone, other)
+    assert span["b"][0] < span["c"][1] and span["c"][0] < span["b"][1]  # b and c ran at the same time
+
+
+def test_finished_steps_are_skipped_and_a_failure_names_the_log(tmp_path):
+    done = _step(tmp_path, "done")
+    done.done.write_text("[0, 0]")
+    assert exp.run_steps([done], jobs=1) == {"done": 0.0}
+    assert not done.log.exists()
+    bad = exp.Step("bad", [sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path / "bad.out", tmp_path / "bad.log")
+    with pytest.raises(SystemExit, match=r"step 'bad' failed \(exit 3\); see .*bad.log"):
+        exp.run_steps([bad], jobs=1)
+    with pytest.raises(SystemExit, match="wait for each other"):
+        exp.run_steps([_step(tmp_path, "x", after=["y"])], jobs=1)
+
+
+def test_table_reports_mean_std_and_the_ratio_to_scratch():
+    rows = {"wav2vec2": {"ctc_test_wer": [90.0, 92.0], "ctc_test_cer": [40.0, 44.0], "probe_asr_cer": [50.0, 52.0],
+                         "probe_sid_acc": [80.0, 82.0]},
+            "scratch": {"ctc_test_wer": [100.0, 100.0], "ctc_test_cer": [50.0, 55.0]},
+            "fbank": {"probe_asr_cer": [55.0, 57.0], "probe_sid_acc": [70.0, 72.0]}}
+    text = exp.table(rows, seeds=2)
+    line = next(x for x in text.splitlines() if x.startswith("| wav2vec 2.0"))
+    assert "42.0 ± 2.8" in line and "0.80x" in line and "51.0 ± 1.4" in line
+    assert "| FBANK (80-d log-mel) | - | - | - | 56.0 ± 1.4 | 71.0 ± 1.4 |" in text
+    assert "random init | - | - | - | - | - |" in text

@@ -1,0 +1,311 @@
+#!/usr/bin/env python
+"""Does self-supervised pretraining help? The README's table, measured end to end on the demo corpus.
+
+For every seed, with the same budget for every row:
+
+1. pretrain each objective on the unlabeled pool (``--objectives``): wav2vec 2.0 (``recipes/wav2vec2_mel_tiny.yaml``)
+   and HuBERT, both iterations (iteration-1 labels: k-means of per-utterance standardized MFCCs, shared by
+   the seeds; ``recipes/hubert_mel_tiny.yaml``; iteration-2 labels: k-means of a layer of the seed's
+   iteration-1 model; ``recipes/hubert_mel_tiny_iter2.yaml``);
+2. fine-tune every upstream with CTC on the 10 labeled minutes (``recipes/ctc_mel_tiny.yaml``) and train the same
+   architecture from scratch with the same recipe and updates; the best checkpoint on valid (dev speakers) is
+   scored on test (held-out speakers never seen in pretraining or fine-tuning);
+3. probe every upstream frozen (``speechssl probe``): ASR (BiLSTM + CTC on the same 10 minutes) and speaker
+   ID across recording sessions, against the FBANK baseline and the same architecture randomly initialised.
+
+Every step is a ``speechssl`` command in its own process; re-running the same command skips finished steps
+(and resumes an interrupted training), so it can be stopped and continued. Results: ``WORK/results.json``
+and the Markdown table ``WORK/results.md`` (mean +- standard deviation over the seeds).
+
+    python tools/experiment_pretraining.py                       # 3 seeds, both objectives (~3-4 h, 2 cores)
+    python tools/experiment_pretraining.py --seeds 1 --jobs 2    # one seed, two jobs at a time (the demo)
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = Path(os.environ.get("SPEECHSSL_DEMO_DIR", Path.home() / ".cache/speechssl/demo"))
+OBJECTIVES = ("wav2vec2", "hubert")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", type=Path, default=DEMO / "corpus", help="demo corpus (speechssl corpus builds it)")
+    p.add_argument("--manifests", type=Path, default=ROOT / "manifests/demo",
+                   help="manifest folders: unlabeled/, labeled_10min/, speaker_id/ (built from --corpus if missing)")
+    p.add_argument("--work", type=Path, default=DEMO / "runs/experiment", help="every run, probe and the results")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (pretraining, fine-tuning and probes)")
+    p.add_argument("--objectives", default=",".join(OBJECTIVES), help=f"comma-separated subset of {OBJECTIVES}")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="steps run at once (each with 2/JOBS threads); pretraining always runs alone")
+    p.add_argument("--ctc-updates", type=int, default=0, help="CTC fine-tuning updates (0: the recipe's)")
+    p.add_argument("--probe-updates", type=int, default=0, help="ASR probe updates (0: speechssl probe's default)")
+    p.add_argument("--no-probes", action="store_true", help="fine-tuning rows only")
+    p.add_argument("--override", action="append", default=[], metavar="OBJECTIVE:KEY=VALUE",
+                   help="extra pretraining override for one objective (repeatable), e.g. wav2vec2:optimization.lr=1e-3")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps: commands with an output that marks them finished
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    name: str
+    cmd: list[str]
+    done: Path  # exists when the step is finished
+    log: Path
+    alone: bool = False  # run with both cores (pretraining: its wall time is the budget)
+    after: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def speechssl(*args: str) -> list[str]:
+    return [sys.executable, "-m", "speechssl", *map(str, args)]
+
+
+def run_step(step: Step, threads: int) -> float:
+    if step.done.exists():
+        return 0.0
+    step.log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", **step.env}
+    t = time.perf_counter()
+    print(f"[{time.strftime('%H:%M:%S')}] {step.name} (log: {step.log})", flush=True)
+    with open(step.log, "a") as fh:
+        proc = subprocess.run(step.cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"step '{step.name}' failed (exit {proc.returncode}); see {step.log}")
+    if not step.done.exists():
+        raise SystemExit(f"step '{step.name}' finished without writing {step.done}; see {step.log}")
+    return time.perf_counter() - t
+
+
+def run_steps(steps: list[Step], jobs: int) -> dict[str, float]:
+    """Run ``steps`` respecting ``after``; steps marked ``alone`` never overlap another step."""
+    seconds: dict[str, float] = {}
+    pending = list(steps)
+    finished = {s.name for s in steps if s.done.exists()}
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        running: dict[concurrent.futures.Future, Step] = {}
+        while pending or running:
+            ready = [s for s in pending if all(a in finished for a in s.after)]
+            alone_running = any(s.alone for s in running.values())
+            for s in ready:
+                if alone_running or (s.alone and running) or len(running) >= max(1, jobs):
+                    break
+                pending.remove(s)
+                threads = 2 if s.alone or jobs == 1 else max(1, 2 // jobs)
+                running[pool.submit(run_step, s, threads)] = s
+                alone_running = s.alone
+            if not running:
+                raise SystemExit(f"steps wait for each other: {[s.name for s in pending]}")
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                s = running.pop(future)
+                seconds[s.name] = future.result()
+                finished.add(s.name)
+    return seconds
+
+
+# --------------------------------------------------------------------------------------------------
+# The experiment
+# --------------------------------------------------------------------------------------------------
+
+
+def manifests(args) -> dict[str, Path]:
+    """The three manifest folders, built from the corpus when missing."""
+    m = {"unlabeled": args.manifests / "unlabeled", "labeled": args.manifests / "labeled_10min",
+         "sid": args.manifests / "speaker_id"}
+    c = args.corpus
+    if not (m["unlabeled"] / "train.tsv").is_file():
+        subprocess.run(speechssl("manifest", c / "pool", "--out", m["unlabeled"], "--add-split", f"valid={c / 'dev'}",
+                                 "--force", "--quiet"), check=True, cwd=ROOT)
+    if not (m["labeled"] / "test.tsv").is_file():
+        subprocess.run(speechssl("manifest", c / "train", "--out", m["labeled"], "--train-seconds", "600",
+                                 "--add-split", f"valid={c / 'dev'}", "--add-split", f"test={c / 'test'}",
+                                 "--require-transcripts", "--force", "--quiet"), check=True, cwd=ROOT)
+    if not (m["sid"] / "test.spk").is_file():
+        whole = args.work / "manifests" / "train_all"
+        subprocess.run(speechssl("manifest", c / "train", "--out", whole, "--valid-percent", "0", "--force",
+                                 "--quiet"), check=True, cwd=ROOT)
+        from speechssl.tasks.speaker_id import make_cross_session_manifest
+
+        make_cross_session_manifest(whole, m["sid"], force=True)
+    return m
+
+
+def plan(args, man: dict[str, Path]) -> tuple[list[Step], dict[str, dict[str, Path]]]:
+    """Every step of the experiment, and per seed the upstream checkpoints (name -> path)."""
+    work = args.work
+    steps: list[Step] = []
+    upstreams: dict[str, dict[str, Path]] = {}
+    over: dict[str, list[str]] = {}
+    for item in args.override:
+        objective, _, kv = item.partition(":")
+        over.setdefault(objective, []).append(kv)
+    objectives = [o for o in args.objectives.split(",") if o]
+    hub_labels = work / "hubert_labels"
+    if "hubert" in objectives:
+        steps.append(Step("hubert labels it1", ["bash", str(ROOT / "tools/hubert_labels.sh"), str(man["unlabeled"]),
+                                                str(hub_labels)],
+                          hub_labels / "it1/labels/valid.km", work / "logs/hubert_labels_it1.log",
+                          alone=True, env={"CMVN": "1", "K": "100"}))
+    for seed in [int(s) for s in args.seeds.split(",") if s]:
+        d = work / f"seed{seed}"
+        ups = upstreams.setdefault(str(seed), {})
+        common = [f"common.seed={seed}", "common.log_format=simple"]
+        if "wav2vec2" in objectives:
+            run = d / "wav2vec2"
+            steps.append(Step(f"s{seed} pretrain wav2vec2", speechssl(
+                "pretrain", "recipes/wav2vec2_mel_tiny.yaml", f"task.data={man['unlabeled']}",
+                f"checkpoint.save_dir={run}", *common, *over.get("wav2vec2", [])),
+                run / "checkpoint_last.pt", d / "logs/pretrain_wav2vec2.log", alone=True))
+            ups["wav2vec2"] = run / "checkpoint_last.pt"
+        if "hubert" in objectives:
+            it1, it2 = d / "hubert_it1", d / "hubert_it2"
+            steps.append(Step(f"s{seed} pretrain hubert it1", speechssl(
+                "pretrain", "recipes/hubert_mel_tiny.yaml", f"task.data={man['unlabeled']}",
+                f"task.label_dir={hub_labels / 'it1/labels'}", f"checkpoint.save_dir={it1}", *common,
+                *over.get("hubert", [])), it1 / "checkpoint_last.pt", d / "logs/pretrain_hubert_it1.log",
+                alone=True, after=["hubert labels it1"]))
+            steps.append(Step(f"s{seed} hubert labels it2", [
+                "bash", str(ROOT / "tools/hubert_labels.sh"), str(man["unlabeled"]), str(d / "hubert_labels"),
+                str(it1 / "checkpoint_last.pt")], d / "hubert_labels/it2/labels/valid.km",
+                d / "logs/hubert_labels_it2.log", alone=True, after=[f"s{seed} pretrain hubert it1"],
+                env={"LAYER": "4", "K": "100"}))
+            steps.append(Step(f"s{seed} pretrain hubert it2", speechssl(
+                "pretrain", "recipes/hubert_mel_tiny_iter2.yaml", f"task.data={man['unlabeled']}",
+                f"task.label_dir={d / 'hubert_labels/it2/labels'}", f"checkpoint.save_dir={it2}", *common,
+                *over.get("hubert", [])), it2 / "checkpoint_last.pt", d / "logs/pretrain_hubert_it2.log",
+                alone=True, after=[f"s{seed} hubert labels it2"]))
+            ups["hubert"] = it2 / "checkpoint_last.pt"
+        pre = {name: [s.name for s in steps if s.done == path] for name, path in ups.items()}
+        ctc = [f"task.data={man['labeled']}", *common] + (
+            [f"optimization.max_update={args.ctc_updates}"] if args.ctc_updates else [])
+        first = next(iter(ups.values()))
+        for name, path in ups.items():
+            steps.append(Step(f"s{seed} ctc {name}", speechssl(
+                "finetune", "recipes/ctc_mel_tiny.yaml", f"model.w2v_path={path}",
+                f"checkpoint.save_dir={d / f'ctc_{name}'}", *ctc), d / f"ctc_{name}/checkpoint_best.pt",
+                d / f"logs/ctc_{name}.log", after=pre[name]))
+        steps.append(Step(f"s{seed} ctc scratch", speechssl(
+            "finetune", "recipes/ctc_mel_tiny.yaml", f"model.w2v_path={first}", "model.no_pretrained_weights=true",
+            "model.freeze_finetune_updates=0", f"checkpoint.save_dir={d / 'ctc_scratch'}", *ctc), d / "ctc_scratch/checkpoint_best.pt",
+            d / "logs/ctc_scratch.log", after=pre[next(iter(ups))]))
+        for name in [*ups, "scratch"]:
+            for split in ("valid", "test"):
+                steps.append(Step(f"s{seed} eval {name} {split}", speechssl(
+                    "evaluate", d / f"ctc_{name}/checkpoint_best.pt", man["labeled"], "--split", split, "--out",
+                    d / f"eval_{name}_{split}", "--force"), d / f"eval_{name}_{split}/report.json",
+                    d / f"logs/eval_{name}_{split}.log", after=[f"s{seed} ctc {name}"]))
+        if args.no_probes:
+            continue
+        probes = {**{name: ([str(path)], pre[name]) for name, path in ups.items()},
+                  "fbank": (["fbank"], []),
+                  "random": ([str(first), "--random-init"], pre[next(iter(ups))])}
+        for name, (upstream, after) in probes.items():
+            for task, data in (("asr", man["labeled"]), ("sid", man["sid"])):
+                extra = ["--updates", str(args.probe_updates)] if task == "asr" and args.probe_updates else []
+                out = d / f"probe_{task}_{name}"
+                steps.append(Step(f"s{seed} probe {task} {name}", speechssl(
+                    "probe", *upstream, data, "--task", task, "--seed", str(seed), "--out", out, "--force", *extra),
+                    out / "probe.json", d / f"logs/probe_{task}_{name}.log", after=after))
+    return steps, upstreams
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def collect(args, upstreams: dict[str, dict[str, Path]]) -> dict:
+    """Per seed and row: CTC test/valid WER and CER, probe ASR CER (test) and SID accuracy (test)."""
+    rows: dict[str, dict[str, list[float]]] = {}
+
+    def add(row: str, key: str, value: Optional[float]) -> None:
+        if value is not None:
+            rows.setdefault(row, {}).setdefault(key, []).append(value)
+
+    def read(path: Path) -> Optional[dict]:
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    for seed, ups in upstreams.items():
+        d = args.work / f"seed{seed}"
+        for name in [*ups, "scratch"]:
+            for split in ("test", "valid"):
+                r = read(d / f"eval_{name}_{split}/report.json")
+                if r:
+                    add(name, f"ctc_{split}_wer", r["wer"])
+                    add(name, f"ctc_{split}_cer", r["cer"])
+        for name in [*ups, "fbank", "random"]:
+            r = read(d / f"probe_asr_{name}/probe.json")
+            if r:
+                add(name, "probe_asr_cer", r["test_cer"])
+                add(name, "probe_asr_valid_cer", r["valid_cer"])
+            r = read(d / f"probe_sid_{name}/probe.json")
+            if r:
+                add(name, "probe_sid_acc", r["test_accuracy"])
+    return rows
+
+
+LABELS = {"wav2vec2": "wav2vec 2.0 (log-mel tiny)", "hubert": "HuBERT iteration 2 (log-mel tiny)",
+          "scratch": "from scratch (same architecture)", "fbank": "FBANK (80-d log-mel)",
+          "random": "same architecture, random init"}
+
+
+def table(rows: dict, seeds: int) -> str:
+    out = [f"| upstream (mean ± std over {seeds} seed{'s' if seeds > 1 else ''}) | CTC test WER % | CTC test CER % | "
+           "CER vs scratch | probe ASR test CER % | probe SID test accuracy % |", "|---|---|---|---|---|---|"]
+    scratch = rows.get("scratch", {}).get("ctc_test_cer", [])
+    for name in [*[k for k in rows if k in OBJECTIVES], "scratch", "fbank", "random"]:
+        r = rows.get(name, {})
+        ratio = "-"
+        if name in OBJECTIVES and r.get("ctc_test_cer") and scratch:
+            ratios = [a / b for a, b in zip(r["ctc_test_cer"], scratch)]
+            ratio = f"{statistics.mean(ratios):.2f}x"
+        out.append(f"| {LABELS[name]} | {mean_std(r.get('ctc_test_wer', []))} | {mean_std(r.get('ctc_test_cer', []))} "
+                   f"| {ratio} | {mean_std(r.get('probe_asr_cer', []))} | {mean_std(r.get('probe_sid_acc', []))} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    man = manifests(args)
+    steps, upstreams = plan(args, man)
+    seconds = run_steps(steps, args.jobs)
+    rows = collect(args, upstreams)
+    text = table(rows, len(upstreams))
+    minutes = {name: round(s / 60, 2) for name, s in seconds.items() if s}
+    from speechssl.utils.io import atomic_write_text
+
+    atomic_write_text(args.work / "results.json", json.dumps(
+        {"rows": rows, "step_minutes": minutes, "seeds": list(upstreams), "command": sys.argv,
+         "wall_minutes": round((time.perf_counter() - t0) / 60, 2)}, indent=1) + "\n")
+    atomic_write_text(args.work / "results.md", text)
+    print("\n" + text + f"\n(written to {args.work / 'results.md'}; wall time {(time.perf_counter() - t0) / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
