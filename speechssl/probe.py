@@ -18,7 +18,8 @@ weighted sum of the Transformer input and every layer's output) and score it:
   sid  mean pooling + linear over the speakers of dict.spk.txt; accuracy (best by valid accuracy).
 
 UPSTREAM is a speechssl checkpoint (pretraining or fine-tuned), or 'fbank' for the 80-d log-mel
-baseline (two frames stacked: 20 ms, the models' frame rate); --random-init probes the checkpoint's
+baseline (two frames stacked: 20 ms, the models' frame rate; as it is and standardized per utterance, the
+featurizer weighs both); --random-init probes the checkpoint's
 architecture with fresh weights (the "same upstream, untrained" baseline). The upstream runs once per
 utterance; the downstream trains on the cached states, so a probe takes seconds (sid) to minutes (asr).
 Writes --out/probe.json (scores, layer weights, curve) and, for asr, the test hypotheses.

@@ -16,7 +16,7 @@ validation loss breaking ties), evaluated every ``eval_interval`` updates; the t
 with that checkpoint. Upstreams (:func:`load_upstream`): a speechssl checkpoint (pretraining or
 fine-tuned), the same architecture randomly initialised, or ``fbank``: 80-d Kaldi log-mel filterbanks
 with two frames stacked (20 ms, the frame rate of the models), SUPERB's FBANK baseline at the models'
-frame rate.
+frame rate, offered as it is and standardized per utterance (:func:`fbank_upstream`).
 """
 
 from __future__ import annotations
@@ -114,17 +114,20 @@ def model_upstream(model: nn.Module, name: str, normalize: bool, device: torch.d
 
 
 def fbank_upstream() -> Upstream:
-    """SUPERB's FBANK baseline at the models' 20 ms frame rate: 80 log-mel bins, two frames stacked."""
+    """SUPERB's FBANK baseline at the models' 20 ms frame rate: 80 log-mel bins, two frames stacked, as two
+    "hidden states" for the featurizer to weigh: the log-mel frames as they are (what speaker ID needs: the
+    utterance's mean spectrum) and standardized per utterance (the log-mel tiny models' input; better for
+    ASR across microphones). The probe learns which to use, so FBANK is the stronger of the two."""
     from speechssl.models.frontend import FbankFeatureExtractor
 
-    extractor = FbankFeatureExtractor(80, 2)
+    plain, standardized = FbankFeatureExtractor(80, 2), FbankFeatureExtractor(80, 2, standardize=True)
 
     @torch.inference_mode()
     def states(wave: np.ndarray) -> Tensor:
         source = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))[None]
-        return extractor(source)[0][None].float()
+        return torch.cat([plain(source), standardized(source)]).float()
 
-    return Upstream("fbank", 1, extractor.out_channels, states)
+    return Upstream("fbank", 2, plain.out_channels, states)
 
 
 def load_upstream(spec: str, random_init: bool = False, seed: int = 0,
