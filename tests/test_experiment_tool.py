@@ -45,17 +45,43 @@ def test_finished_steps_are_skipped_and_a_failure_names_the_log(tmp_path):
     bad = exp.Step("bad", [sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path / "bad.out", tmp_path / "bad.log")
     with pytest.raises(SystemExit, match=r"step 'bad' failed \(exit 3\); see .*bad.log"):
         exp.run_steps([bad], jobs=1)
+    # a training's checkpoint exists when it was interrupted too: a resumable step always runs its command
+    again = _step(tmp_path, "again")
+    again.done.write_text("[0, 0]")
+    again.resumable = True
+    assert exp.run_steps([again], jobs=1)["again"] > 0 and again.log.exists()
     with pytest.raises(SystemExit, match="wait for each other"):
         exp.run_steps([_step(tmp_path, "x", after=["y"])], jobs=1)
 
 
 def test_table_reports_mean_std_and_the_ratio_to_scratch():
     rows = {"wav2vec2": {"ctc_test_wer": [90.0, 92.0], "ctc_test_cer": [40.0, 44.0], "probe_asr_cer": [50.0, 52.0],
-                         "probe_sid_acc": [80.0, 82.0]},
-            "scratch": {"ctc_test_wer": [100.0, 100.0], "ctc_test_cer": [50.0, 55.0]},
+                         "probe_sid_acc": [80.0, 82.0], "ctc_test_cer_by_seed": {"1": 40.0, "2": 44.0}},
+            "hubert": {"ctc_test_wer": [95.0], "ctc_test_cer": [25.0], "ctc_test_cer_by_seed": {"2": 25.0}},
+            "scratch": {"ctc_test_wer": [100.0, 100.0], "ctc_test_cer": [50.0, 55.0],
+                        "ctc_test_cer_by_seed": {"1": 50.0, "2": 55.0}},
             "fbank": {"probe_asr_cer": [55.0, 57.0], "probe_sid_acc": [70.0, 72.0]}}
     text = exp.table(rows, seeds=2)
     line = next(x for x in text.splitlines() if x.startswith("| wav2vec 2.0"))
-    assert "42.0 ± 2.8" in line and "0.80x" in line and "51.0 ± 1.4" in line
+    assert "42.0 ± 2.8" in line and "0.80x" in line and "51.0 ± 1.4" in line and "n=" not in line
+    # a row measured on one seed of two says so, and its ratio pairs it with that seed's scratch run
+    line = next(x for x in text.splitlines() if x.startswith("| HuBERT"))
+    assert "| 25.0 (n=1) | 0.45x |" in line
     assert "| FBANK (80-d log-mel) | - | - | - | 56.0 ± 1.4 | 71.0 ± 1.4 |" in text
     assert "random init | - | - | - | - | - |" in text
+
+
+def test_plan_limits_objectives_and_probes_to_the_seeds_asked(tmp_path):
+    args = exp.parse_args(["--work", str(tmp_path), "--seeds", "1,2", "--objective-seeds", "wav2vec2=1",
+                           "--probe-seeds", "1"])
+    man = {k: tmp_path / k for k in ("unlabeled", "labeled", "sid")}
+    steps, upstreams = exp.plan(args, man)
+    names = {s.name for s in steps}
+    assert set(upstreams["1"]) == {"wav2vec2", "hubert"} and set(upstreams["2"]) == {"hubert"}
+    assert "s1 pretrain wav2vec2" in names and "s2 pretrain wav2vec2" not in names
+    assert "s1 probe asr fbank" in names and not any(n.startswith("s2 probe") for n in names)
+    scratch = next(s for s in steps if s.name == "s1 ctc scratch")  # HuBERT's architecture, after HuBERT
+    assert scratch.after == ["s1 pretrain hubert it2"] and any("hubert_it2" in str(c) for c in scratch.cmd)
+    assert all(s.resumable == (" pretrain " in s.name or " ctc " in s.name) for s in steps)
+    with pytest.raises(SystemExit, match="--objective-seeds 'w2v=1'"):
+        exp.plan(exp.parse_args(["--work", str(tmp_path), "--objective-seeds", "w2v=1"]), man)

@@ -53,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ctc-updates", type=int, default=0, help="CTC fine-tuning updates (0: the recipe's)")
     p.add_argument("--probe-updates", type=int, default=0, help="ASR probe updates (0: speechssl probe's default)")
     p.add_argument("--no-probes", action="store_true", help="fine-tuning rows only")
+    p.add_argument("--probe-seeds", default="", help="comma-separated seeds that are probed (default: every seed)")
+    p.add_argument("--objective-seeds", action="append", default=[], metavar="OBJECTIVE=SEEDS",
+                   help="run OBJECTIVE only for these seeds (repeatable), e.g. wav2vec2=1 to spend the budget on "
+                        "HuBERT's spread; the table gives the number of seeds behind every cell")
     p.add_argument("--override", action="append", default=[], metavar="OBJECTIVE:KEY=VALUE",
                    help="extra pretraining override for one objective (repeatable), e.g. wav2vec2:optimization.lr=1e-3")
     return p.parse_args(argv)
@@ -70,6 +74,9 @@ class Step:
     done: Path  # exists when the step is finished
     log: Path
     alone: bool = False  # run with both cores (pretraining: its wall time is the budget)
+    # a training: ``done`` (a checkpoint) also exists when it was interrupted, so the command always runs;
+    # the trainer resumes it, or says there is nothing to do and exits
+    resumable: bool = False
     after: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -79,7 +86,7 @@ def speechssl(*args: str) -> list[str]:
 
 
 def run_step(step: Step, threads: int) -> float:
-    if step.done.exists():
+    if step.done.exists() and not step.resumable:
         return 0.0
     step.log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", **step.env}
@@ -98,7 +105,7 @@ def run_steps(steps: list[Step], jobs: int) -> dict[str, float]:
     """Run ``steps`` respecting ``after``; steps marked ``alone`` never overlap another step."""
     seconds: dict[str, float] = {}
     pending = list(steps)
-    finished = {s.name for s in steps if s.done.exists()}
+    finished = {s.name for s in steps if s.done.exists() and not s.resumable}
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
         running: dict[concurrent.futures.Future, Step] = {}
         while pending or running:
@@ -152,12 +159,20 @@ def plan(args, man: dict[str, Path]) -> tuple[list[Step], dict[str, dict[str, Pa
     """Every step of the experiment, and per seed the upstream checkpoints (name -> path)."""
     work = args.work
     steps: list[Step] = []
+    probe_steps: list[Step] = []  # run after every seed's pretraining and fine-tuning
     upstreams: dict[str, dict[str, Path]] = {}
     over: dict[str, list[str]] = {}
     for item in args.override:
         objective, _, kv = item.partition(":")
         over.setdefault(objective, []).append(kv)
     objectives = [o for o in args.objectives.split(",") if o]
+    only: dict[str, set[int]] = {}
+    for item in args.objective_seeds:
+        objective, sep, seeds = item.partition("=")
+        if not sep or objective not in OBJECTIVES:
+            raise SystemExit(f"--objective-seeds {item!r}: expected OBJECTIVE=SEEDS with OBJECTIVE in {OBJECTIVES}")
+        only[objective] = {int(x) for x in seeds.split(",") if x}
+    probe_seeds = {int(x) for x in args.probe_seeds.split(",") if x}
     hub_labels = work / "hubert_labels"
     if "hubert" in objectives:
         steps.append(Step("hubert labels it1", ["bash", str(ROOT / "tools/hubert_labels.sh"), str(man["unlabeled"]),
@@ -168,20 +183,21 @@ def plan(args, man: dict[str, Path]) -> tuple[list[Step], dict[str, dict[str, Pa
         d = work / f"seed{seed}"
         ups = upstreams.setdefault(str(seed), {})
         common = [f"common.seed={seed}", "common.log_format=simple"]
-        if "wav2vec2" in objectives:
+        wanted = [o for o in objectives if seed in only.get(o, {seed})]
+        if "wav2vec2" in wanted:
             run = d / "wav2vec2"
             steps.append(Step(f"s{seed} pretrain wav2vec2", speechssl(
                 "pretrain", "recipes/wav2vec2_mel_tiny.yaml", f"task.data={man['unlabeled']}",
                 f"checkpoint.save_dir={run}", *common, *over.get("wav2vec2", [])),
-                run / "checkpoint_last.pt", d / "logs/pretrain_wav2vec2.log", alone=True))
+                run / "checkpoint_last.pt", d / "logs/pretrain_wav2vec2.log", alone=True, resumable=True))
             ups["wav2vec2"] = run / "checkpoint_last.pt"
-        if "hubert" in objectives:
+        if "hubert" in wanted:
             it1, it2 = d / "hubert_it1", d / "hubert_it2"
             steps.append(Step(f"s{seed} pretrain hubert it1", speechssl(
                 "pretrain", "recipes/hubert_mel_tiny.yaml", f"task.data={man['unlabeled']}",
                 f"task.label_dir={hub_labels / 'it1/labels'}", f"checkpoint.save_dir={it1}", *common,
                 *over.get("hubert", [])), it1 / "checkpoint_last.pt", d / "logs/pretrain_hubert_it1.log",
-                alone=True, after=["hubert labels it1"]))
+                alone=True, after=["hubert labels it1"], resumable=True))
             steps.append(Step(f"s{seed} hubert labels it2", [
                 "bash", str(ROOT / "tools/hubert_labels.sh"), str(man["unlabeled"]), str(d / "hubert_labels"),
                 str(it1 / "checkpoint_last.pt")], d / "hubert_labels/it2/labels/valid.km",
@@ -191,48 +207,53 @@ def plan(args, man: dict[str, Path]) -> tuple[list[Step], dict[str, dict[str, Pa
                 "pretrain", "recipes/hubert_mel_tiny_iter2.yaml", f"task.data={man['unlabeled']}",
                 f"task.label_dir={d / 'hubert_labels/it2/labels'}", f"checkpoint.save_dir={it2}", *common,
                 *over.get("hubert", [])), it2 / "checkpoint_last.pt", d / "logs/pretrain_hubert_it2.log",
-                alone=True, after=[f"s{seed} hubert labels it2"]))
+                alone=True, after=[f"s{seed} hubert labels it2"], resumable=True))
             ups["hubert"] = it2 / "checkpoint_last.pt"
         pre = {name: [s.name for s in steps if s.done == path] for name, path in ups.items()}
         ctc = [f"task.data={man['labeled']}", *common] + (
             [f"optimization.max_update={args.ctc_updates}"] if args.ctc_updates else [])
-        first = next(iter(ups.values()))
+        # the from-scratch row and the random-init probe use HuBERT's architecture when it is trained
+        # (the encoders are the same; HuBERT's has no quantizer), else the first upstream's
+        arch = "hubert" if "hubert" in ups else next(iter(ups))
+        first = ups[arch]
         for name, path in ups.items():
             steps.append(Step(f"s{seed} ctc {name}", speechssl(
                 "finetune", "recipes/ctc_mel_tiny.yaml", f"model.w2v_path={path}",
                 f"checkpoint.save_dir={d / f'ctc_{name}'}", *ctc), d / f"ctc_{name}/checkpoint_best.pt",
-                d / f"logs/ctc_{name}.log", after=pre[name]))
+                d / f"logs/ctc_{name}.log", after=pre[name], resumable=True))
         steps.append(Step(f"s{seed} ctc scratch", speechssl(
             "finetune", "recipes/ctc_mel_tiny.yaml", f"model.w2v_path={first}", "model.no_pretrained_weights=true",
             "model.freeze_finetune_updates=0", f"checkpoint.save_dir={d / 'ctc_scratch'}", *ctc), d / "ctc_scratch/checkpoint_best.pt",
-            d / "logs/ctc_scratch.log", after=pre[next(iter(ups))]))
+            d / "logs/ctc_scratch.log", after=pre[arch], resumable=True))
         for name in [*ups, "scratch"]:
             for split in ("valid", "test"):
                 steps.append(Step(f"s{seed} eval {name} {split}", speechssl(
                     "evaluate", d / f"ctc_{name}/checkpoint_best.pt", man["labeled"], "--split", split, "--out",
                     d / f"eval_{name}_{split}", "--force"), d / f"eval_{name}_{split}/report.json",
                     d / f"logs/eval_{name}_{split}.log", after=[f"s{seed} ctc {name}"]))
-        if args.no_probes:
+        if args.no_probes or (probe_seeds and seed not in probe_seeds):
             continue
         probes = {**{name: ([str(path)], pre[name]) for name, path in ups.items()},
                   "fbank": (["fbank"], []),
-                  "random": ([str(first), "--random-init"], pre[next(iter(ups))])}
+                  "random": ([str(first), "--random-init"], pre[arch])}
         for name, (upstream, after) in probes.items():
             for task, data in (("asr", man["labeled"]), ("sid", man["sid"])):
                 extra = ["--updates", str(args.probe_updates)] if task == "asr" and args.probe_updates else []
                 out = d / f"probe_{task}_{name}"
-                steps.append(Step(f"s{seed} probe {task} {name}", speechssl(
+                probe_steps.append(Step(f"s{seed} probe {task} {name}", speechssl(
                     "probe", *upstream, data, "--task", task, "--seed", str(seed), "--out", out, "--force", *extra),
                     out / "probe.json", d / f"logs/probe_{task}_{name}.log", after=after))
-    return steps, upstreams
+    return steps + probe_steps, upstreams
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], seeds: int = 0) -> str:
+    """``mean ± std`` over the seeds; a cell measured on fewer seeds than the table's says how many."""
     if not values:
         return "-"
+    n = f" (n={len(values)})" if seeds and len(values) < seeds else ""
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.1f}{n}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}{n}"
 
 
 def collect(args, upstreams: dict[str, dict[str, Path]]) -> dict:
@@ -254,6 +275,8 @@ def collect(args, upstreams: dict[str, dict[str, Path]]) -> dict:
                 if r:
                     add(name, f"ctc_{split}_wer", r["wer"])
                     add(name, f"ctc_{split}_cer", r["cer"])
+                    if split == "test":  # the ratio to scratch pairs the rows of one seed
+                        rows.setdefault(name, {}).setdefault("ctc_test_cer_by_seed", {})[seed] = r["cer"]
         for name in [*ups, "fbank", "random"]:
             r = read(d / f"probe_asr_{name}/probe.json")
             if r:
@@ -273,15 +296,17 @@ LABELS = {"wav2vec2": "wav2vec 2.0 (log-mel tiny)", "hubert": "HuBERT iteration 
 def table(rows: dict, seeds: int) -> str:
     out = [f"| upstream (mean ± std over {seeds} seed{'s' if seeds > 1 else ''}) | CTC test WER % | CTC test CER % | "
            "CER vs scratch | probe ASR test CER % | probe SID test accuracy % |", "|---|---|---|---|---|---|"]
-    scratch = rows.get("scratch", {}).get("ctc_test_cer", [])
+    scratch = rows.get("scratch", {}).get("ctc_test_cer_by_seed", {})
     for name in [*[k for k in rows if k in OBJECTIVES], "scratch", "fbank", "random"]:
         r = rows.get(name, {})
         ratio = "-"
-        if name in OBJECTIVES and r.get("ctc_test_cer") and scratch:
-            ratios = [a / b for a, b in zip(r["ctc_test_cer"], scratch)]
-            ratio = f"{statistics.mean(ratios):.2f}x"
-        out.append(f"| {LABELS[name]} | {mean_std(r.get('ctc_test_wer', []))} | {mean_std(r.get('ctc_test_cer', []))} "
-                   f"| {ratio} | {mean_std(r.get('probe_asr_cer', []))} | {mean_std(r.get('probe_sid_acc', []))} |")
+        if name in OBJECTIVES and r.get("ctc_test_cer_by_seed") and scratch:
+            ratios = [cer / scratch[seed] for seed, cer in r["ctc_test_cer_by_seed"].items() if seed in scratch]
+            if ratios:
+                ratio = f"{statistics.mean(ratios):.2f}x"
+        cells = [mean_std(r.get(k, []), seeds) for k in ("ctc_test_wer", "ctc_test_cer")]
+        probes = [mean_std(r.get(k, []), seeds) for k in ("probe_asr_cer", "probe_sid_acc")]
+        out.append(f"| {LABELS[name]} | {cells[0]} | {cells[1]} | {ratio} | {probes[0]} | {probes[1]} |")
     return "\n".join(out) + "\n"
 
 
