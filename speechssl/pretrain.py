@@ -1,9 +1,8 @@
 """``speechssl pretrain RECIPE [section.key=value ...]``: self-supervised pretraining (wav2vec 2.0, HuBERT).
 
-The task part is small: :func:`build_pretraining` makes the model, the objective and the datasets from
-the config (``task.name``: ``audio_pretraining`` for wav2vec 2.0, ``hubert_pretraining`` for HuBERT,
-see :func:`build_hubert_pretraining`); the training loop, checkpoints, resume and logging live in
-:mod:`speechssl.train.loop`.
+A thin dispatcher: :func:`builder_for` picks the task's ``build(cfg) -> TrainingSetup`` by ``task.name``
+(``audio_pretraining``: :mod:`speechssl.tasks.wav2vec2`; ``hubert_pretraining``: :mod:`speechssl.tasks.hubert`);
+the training loop, checkpoints, resume and logging live in :mod:`speechssl.train.loop`.
 """
 
 from __future__ import annotations
@@ -53,118 +52,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
 
 
-def build_pretraining(cfg):
-    """Model, objective, datasets and health alarms of wav2vec 2.0 pretraining (a TrainingSetup);
-    HuBERT's (:func:`build_hubert_pretraining`) when ``task.name`` is ``hubert_pretraining``."""
+def builder_for(cfg):
+    """The ``build(cfg) -> TrainingSetup`` function of the pretraining task ``task.name`` names."""
     if cfg.task.name == "hubert_pretraining":
-        return build_hubert_pretraining(cfg)
+        from speechssl.tasks.hubert import build_hubert_pretraining
+
+        return build_hubert_pretraining
     if cfg.task.name != "audio_pretraining":
         from speechssl.config import ConfigError
 
         raise ConfigError(f"task.name '{cfg.task.name}' is not a pretraining task: use audio_pretraining (wav2vec "
                           "2.0) or hubert_pretraining (HuBERT); fine-tuning tasks run with 'speechssl finetune'")
-    from speechssl.data.dataset import dataset_for_split
-    from speechssl.models import build_model
-    from speechssl.objectives import build_objective
-    from speechssl.train.loop import TrainingSetup
-    from speechssl.train.metrics import HealthMonitor
+    from speechssl.tasks.wav2vec2 import build_wav2vec2_pretraining
 
-    m = cfg.model
-    model = build_model(m)
-    objective = build_objective(cfg.criterion, m)
-    train = dataset_for_split(cfg, cfg.dataset.train_subset)
-    valid = None if cfg.dataset.disable_validation else dataset_for_split(cfg, cfg.dataset.valid_subset)
-    health = HealthMonitor(
-        codebook_size=m.latent_groups * m.latent_vars if m.quantize_targets else None,
-        chance_accuracy=1.0 / (1 + m.num_negatives + m.cross_sample_negatives + m.codebook_negatives),
-        start_update=min(max(2 * cfg.lr_scheduler.warmup_updates, 500), 5000),
-    )
-    return TrainingSetup(
-        model=model, objective=objective, train_data=train, valid_data=valid, health=health,
-        find_unused_parameters=may_leave_parameters_unused(cfg),
-        probe=pretraining_probe(cfg),
-    )
+    return build_wav2vec2_pretraining
 
 
-def may_leave_parameters_unused(cfg) -> bool:
-    """Whether a pretraining step can leave a parameter without gradient, so that DDP must look for them
-    (``find_unused_parameters``, an extra pass over the graph every step): LayerDrop skipping a layer, or a
-    conv extractor frozen by ``feature_grad_mult: 0``; or the recipe asks for it."""
-    m = cfg.model
-    frozen_extractor = m.feature_grad_mult == 0 and m.extractor_mode != "fbank"
-    return cfg.distributed_training.find_unused_parameters or m.encoder_layerdrop > 0 or frozen_extractor
-
-
-def pretraining_probe(cfg):
-    """The ``probe.*`` settings as the loop's probe function (None when ``probe.data`` is not set)."""
-    if not cfg.probe.data:
-        return None
-    from speechssl.config import ConfigError
-    from speechssl.tasks.probe import training_probe
-
-    if cfg.checkpoint.best_checkpoint_metric.startswith("probe_"):
-        raise ConfigError(f"checkpoint.best_checkpoint_metric={cfg.checkpoint.best_checkpoint_metric}: probe "
-                          "metrics are logged, not used to select checkpoints; choose a validation metric such "
-                          "as loss or accuracy")
-    return training_probe(cfg.probe, cfg.task.normalize)
-
-
-def build_hubert_pretraining(cfg):
-    """HuBERT: label dictionaries -> ``model.num_classes`` / ``model.label_rate``, model, objective,
-    datasets with label targets checked against the audio lengths, chance-accuracy alarm (a TrainingSetup).
-
-    ``model.num_classes`` and ``model.label_rate`` are filled from the dictionaries and ``task.label_rate``
-    (and stored in the checkpoints' config); values set in the recipe must agree with them.
-    """
-    from pathlib import Path
-
-    from speechssl.config import ConfigError
-    from speechssl.data.dataset import dataset_for_split
-    from speechssl.data.labels import LabelCollater, LabelDictionary, check_label_lengths
-    from speechssl.models.hubert import HubertModel
-    from speechssl.objectives import build_objective
-    from speechssl.train.loop import TrainingSetup
-    from speechssl.train.metrics import HealthMonitor
-
-    t, m = cfg.task, cfg.model
-    if m.name != "hubert":
-        raise ConfigError(f"task.name=hubert_pretraining needs model.name=hubert, got '{m.name}'")
-    if not t.labels:
-        raise ConfigError("task.labels is empty: HuBERT needs frame labels, e.g. task.labels=[km] (files <split>.km "
-                          "and dict.km.txt from 'speechssl label')")
-    if t.label_rate <= 0:
-        raise ConfigError("set task.label_rate (labels per second): 100 for MFCC k-means labels, 50 for labels of "
-                          "layer features (iteration 2)")
-    if m.label_rate > 0 and m.label_rate != t.label_rate:
-        raise ConfigError(f"model.label_rate={m.label_rate:g} differs from task.label_rate={t.label_rate:g}; "
-                          "leave model.label_rate unset (it follows the task)")
-    label_dir = Path(t.label_dir) if t.label_dir else Path(t.data)
-    dictionaries = [LabelDictionary(label_dir / f"dict.{name}.txt") for name in t.labels]
-    num_classes = [len(d) for d in dictionaries]
-    if m.num_classes and list(m.num_classes) != num_classes:
-        raise ConfigError(f"model.num_classes={list(m.num_classes)} but the dictionaries in {label_dir} have "
-                          f"{num_classes} classes; leave model.num_classes unset (it is read from them)")
-    m.num_classes, m.label_rate = num_classes, t.label_rate
-
-    model = HubertModel(m, sample_rate=t.sample_rate)
-    objective = build_objective(cfg.criterion, m)
-    train = dataset_for_split(cfg, cfg.dataset.train_subset, t.labels)
-    check_label_lengths(train, t.labels, t.label_rate)
-    valid = None
-    if not cfg.dataset.disable_validation:
-        valid = dataset_for_split(cfg, cfg.dataset.valid_subset, t.labels)
-        check_label_lengths(valid, t.labels, t.label_rate)
-    health = HealthMonitor(chance_accuracy=1.0 / min(num_classes),
-                           start_update=min(max(2 * cfg.lr_scheduler.warmup_updates, 500), 5000))
-    return TrainingSetup(
-        model=model, objective=objective, train_data=train, valid_data=valid,
-        collate=LabelCollater(dictionaries, t.label_rate, t.sample_rate, pad=t.enable_padding), health=health,
-        find_unused_parameters=may_leave_parameters_unused(cfg),
-        probe=pretraining_probe(cfg),
-        summary=[f"labels: {', '.join(t.labels)} from {label_dir}, {num_classes} classes, {t.label_rate:g} labels/s "
-                 f"(chance accuracy {1.0 / min(num_classes):.3f})"],
-    )
+def build_pretraining(cfg):
+    """Model, objective, datasets and health alarms of the pretraining task ``cfg`` describes (a
+    TrainingSetup): wav2vec 2.0 (:mod:`speechssl.tasks.wav2vec2`) or HuBERT (:mod:`speechssl.tasks.hubert`)."""
+    return builder_for(cfg)(cfg)
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_recipe(args, "pretrain", lambda cfg: build_pretraining)
+    return run_recipe(args, "pretrain", builder_for)

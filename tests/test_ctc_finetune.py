@@ -64,7 +64,7 @@ def test_upstream_normalisation_is_required_of_the_finetuning_task(tmp_path, cor
 
 
 def test_tiny_model_learns_to_transcribe(tmp_path, corpus, one_thread):
-    from speechssl.evaluate import evaluate_ctc
+    from speechssl.tasks.ctc_eval import evaluate_ctc
 
     run = _finetune(tmp_path, corpus, optimization={"max_update": 160, "lr": 3e-3},
                     dataset={"validate_interval_updates": 80})

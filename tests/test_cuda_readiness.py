@@ -111,7 +111,7 @@ def _pretrain_cfg(model_cfg, **distributed):
     ({"encoder_layerdrop": 0.05}, True),
 ])
 def test_pretraining_looks_for_unused_parameters_only_when_there_can_be_some(changes, unused):
-    from speechssl.pretrain import may_leave_parameters_unused
+    from speechssl.tasks.pretraining import may_leave_parameters_unused
 
     torch.manual_seed(0)
     mcfg = dataclasses.replace(wav2vec2_tiny_config(), **changes)

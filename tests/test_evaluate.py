@@ -49,7 +49,7 @@ def test_evaluate_writes_report_and_prints_wer_last(setup, tmp_path, capsys):
 
 
 def test_evaluate_api_greedy_and_beam(setup):
-    from speechssl.evaluate import evaluate_ctc
+    from speechssl.tasks.ctc_eval import evaluate_ctc
 
     ckpt, corpus = setup
     greedy = evaluate_ctc(ckpt, corpus, "valid", quiet=True)

@@ -88,7 +88,7 @@ def test_evaluate_extract_and_features_layer_normalise_as_their_checkpoint(tmp_p
     other value), and apply it, here true: features and transcripts are those of the normalised audio."""
     from speechssl.data.dataset import normalize_wave
     from speechssl.decode.greedy import greedy_decode
-    from speechssl.evaluate import evaluate_ctc
+    from speechssl.tasks.ctc_eval import evaluate_ctc
     from speechssl.features.store import FeatureSet
     from speechssl.text.vocab import Vocabulary
 

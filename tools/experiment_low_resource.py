@@ -156,7 +156,7 @@ def main(argv=None) -> int:
                        *args.scratch_override]
     minutes = run_finetunings(args, work, runs)
     # 4. the best (valid WER) checkpoint of every run on the held-out speakers
-    from speechssl.evaluate import evaluate_ctc
+    from speechssl.tasks.ctc_eval import evaluate_ctc
     from speechssl.utils.io import atomic_write_text
 
     results = {}

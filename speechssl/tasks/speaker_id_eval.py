@@ -216,7 +216,7 @@ def plot_confusion(cm: np.ndarray, names: list[str], path: Path, title: str) -> 
 
 
 # --------------------------------------------------------------------------------------------------
-# Entry point (called by speechssl/evaluate.py)
+# Entry point (called by speechssl/evaluate.py, the command)
 # --------------------------------------------------------------------------------------------------
 
 
