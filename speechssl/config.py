@@ -67,7 +67,9 @@ class CommonConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "audio_pretraining"  # audio_pretraining | hubert_pretraining | audio_finetuning | speaker_id
+    # audio_pretraining (wav2vec 2.0, or data2vec 2.0 with model.name data2vec2, as fairseq) | hubert_pretraining
+    # | audio_finetuning | speaker_id
+    name: str = "audio_pretraining"
     data: str = ""  # manifest directory (train.tsv, valid.tsv, label files)
     labels: list[str] = field(default_factory=list)  # label file extensions, e.g. [ltr] or [km]
     label_dir: Optional[str] = None  # where label files live when not beside the TSVs
@@ -172,12 +174,14 @@ BASE_CONV_LAYERS: ConvLayers = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)
 
 @dataclass
 class ModelConfig:
-    """wav2vec 2.0 / HuBERT model settings, named as fairseq's Wav2Vec2Config / HubertConfig.
+    """wav2vec 2.0 / HuBERT / data2vec 2.0 model settings, named as fairseq's Wav2Vec2Config / HubertConfig /
+    Data2VecMultiConfig (+ its audio modality's D2vAudioConfig).
 
-    The defaults are wav2vec 2.0 BASE (see ``../shared/reference/recipes.md``).
+    The defaults are wav2vec 2.0 BASE's, and data2vec 2.0 BASE's for the data2vec 2.0 settings (see
+    ``../shared/reference/recipes.md``).
     """
 
-    name: str = "wav2vec2"  # wav2vec2 | hubert
+    name: str = "wav2vec2"  # wav2vec2 | hubert | data2vec2
     # feature extractor
     extractor_mode: str = "default"  # default (= group_norm: BASE) | layer_norm (LARGE) | fbank (log-mel)
     conv_feature_layers: ConvLayers = field(default_factory=lambda: list(BASE_CONV_LAYERS))
@@ -243,6 +247,40 @@ class ModelConfig:
     # fairseq's HubertModel) | conv_length (frames past the conv output length of the valid samples:
     # fairseq's Wav2Vec2Model, torchaudio, transformers)
     frame_padding: str = "auto"
+    # data2vec 2.0 (name data2vec2; speechssl/models/data2vec2.py). The encoder reuses encoder_layers (all of
+    # them, fairseq's prenet_depth + depth), encoder_embed_dim, encoder_ffn_embed_dim, encoder_attention_heads,
+    # dropout (fairseq's encoder_dropout = post_mlp_drop = prenet_dropout), attention_dropout,
+    # activation_dropout, encoder_layerdrop (layerdrop = prenet_layerdrop), dropout_input, mask_prob, mask_length
+    conv_pos_depth: int = 5  # positional encoder: conv_pos_depth grouped convolutions (conv_pos_groups) ...
+    conv_pos_width: int = 95  # ... of kernel max(3, conv_pos_width // conv_pos_depth) each (19 for BASE)
+    # zero padded frames before the positional convolutions: transformers' data2vec audio (and fairseq's
+    # data2vec 1.0) do; fairseq's data2vec 2.0 does not (false). Pretraining batches are never padded
+    pos_conv_zero_padding: bool = False
+    use_alibi_encoder: bool = True  # ALiBi attention bias: -slope_h * |i - j|, fairseq's get_alibi slopes ...
+    learned_alibi_scale: bool = True  # ... times a learned scale (clamped at 0) ...
+    learned_alibi_scale_per_head: bool = True  # ... one per attention head
+    prenet_depth: int = 0  # the first prenet_depth of encoder_layers are fairseq's modality prenet (LARGE: 8)
+    clone_batch: int = 8  # masked copies of every utterance the student encodes; the teacher runs once
+    mask_prob_adjust: float = 0.05  # block mask: int(L * (mask_prob + adjust) / mask_length) spans, then
+    #                                  exactly int(L * mask_prob) masked frames per copy (compute_block_mask_1d)
+    mask_noise_std: float = 0.01  # decoder input at masked frames (and masked frames when fine-tuning): N(0, std)
+    decoder_dim: int = 384  # convolutional decoder: decoder_layers x [grouped Conv1d(decoder_kernel,
+    decoder_layers: int = 4  # decoder_groups) -> LayerNorm (no affine) -> GELU], residual where the
+    decoder_kernel: int = 7  # channel counts match, then Linear(decoder_dim, encoder_embed_dim)
+    decoder_groups: int = 16
+    decoder_input_dropout: float = 0.1  # fairseq's decoder.input_dropout
+    average_top_k_layers: int = 8  # targets: mean of the teacher's top K layers (FFN outputs) ...
+    instance_norm_target_layer: bool = True  # ... each instance-normalised over time ...
+    layer_norm_target_layer: bool = False  # ... or layer-normalised over channels ...
+    instance_norm_targets: bool = False  # ... and the mean instance-normalised ...
+    layer_norm_targets: bool = False  # ... or layer-normalised
+    ema_decay: float = 0.999  # teacher = EMA of the student encoder; decay annealed linearly from ema_decay ...
+    ema_end_decay: float = 0.99999  # ... to ema_end_decay ...
+    ema_anneal_end_step: int = 75000  # ... over this many updates (fairseq's default: optimization.max_update)
+    loss_beta: float = 0.0  # 0: squared error; > 0: smooth L1 with this beta
+    loss_scale: Optional[float] = None  # per-element loss scale; null: 1 / sqrt(encoder_embed_dim)
+    min_target_var: float = 0.1  # health alarm: target (pred) standard deviation per channel, averaged,
+    min_pred_var: float = 0.01  # below these = collapse (fairseq stops the run after 5000 updates)
     # fine-tuning (fairseq's Wav2Vec2AsrConfig names; see speechssl/tasks/ctc.py)
     w2v_path: Optional[str] = None  # pretrained checkpoint; None: train the same architecture from scratch
     apply_mask: bool = True  # time/channel masking of the upstream during fine-tuning
@@ -257,7 +295,7 @@ class ModelConfig:
 
 @dataclass
 class CriterionConfig:
-    name: str = "wav2vec"  # wav2vec | hubert | ctc | speaker_id
+    name: str = "wav2vec"  # wav2vec | hubert | data2vec2 | ctc | speaker_id
     infonce: bool = True
     loss_weights: list[float] = field(default_factory=lambda: [0.1, 10.0])  # diversity, feature penalty
     log_keys: list[str] = field(default_factory=lambda: ["prob_perplexity", "code_perplexity", "temp"])

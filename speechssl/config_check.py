@@ -30,8 +30,8 @@ from speechssl.config import Config, ConfigError
 Rule = Callable[[Any], Optional[str]]  # value -> None if valid, else what is allowed
 
 TASKS = ("audio_pretraining", "hubert_pretraining", "audio_finetuning", "speaker_id")
-MODELS = ("wav2vec2", "hubert")
-CRITERIA = ("wav2vec", "hubert", "ctc", "speaker_id")
+MODELS = ("wav2vec2", "hubert", "data2vec2")
+CRITERIA = ("wav2vec", "hubert", "data2vec2", "ctc", "speaker_id")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("polynomial_decay", "tri_stage", "cosine", "fixed")
 EXTRACTOR_MODES = ("default", "group_norm", "layer_norm", "fbank")
@@ -76,6 +76,10 @@ def each(rule: Rule) -> Rule:
 
 def unset_or_positive(v: float) -> Optional[str]:
     return None if v == -1 or v > 0 else "must be > 0, or -1 (unset)"
+
+
+def decay(v: float) -> Optional[str]:
+    return None if 0.0 <= v <= 1.0 else "must be in [0, 1] (1: the teacher stops moving)"
 
 
 def non_empty(v: str) -> Optional[str]:
@@ -150,6 +154,13 @@ RANGES: dict[str, dict[str, Rule]] = {
         "codebook_negatives": at_least(0), "logit_temp": above(0), "num_classes": each(at_least(1)),
         "label_rate": unset_or_positive, "final_dropout": fraction, "freeze_finetune_updates": at_least(0),
         "projector_dim": at_least(0), "pooling": one_of(*POOLINGS),
+        "conv_pos_depth": at_least(1), "conv_pos_width": at_least(1), "prenet_depth": at_least(0),
+        "clone_batch": at_least(1), "mask_prob_adjust": at_least(0), "mask_noise_std": at_least(0),
+        "decoder_dim": at_least(1), "decoder_layers": at_least(1), "decoder_kernel": at_least(1),
+        "decoder_groups": at_least(1), "decoder_input_dropout": fraction, "average_top_k_layers": at_least(1),
+        "ema_decay": decay, "ema_end_decay": decay, "ema_anneal_end_step": at_least(0), "loss_beta": at_least(0),
+        "loss_scale": optional(above(0), "1 / sqrt(model.encoder_embed_dim)"), "min_target_var": at_least(0),
+        "min_pred_var": at_least(0),
     },
     "probe": {
         "task": one_of(*PROBE_TASKS), "interval_updates": at_least(0), "updates": at_least(0),
@@ -224,8 +235,10 @@ def _relations(cfg: Config) -> list[str]:
         if vq_dim % m.latent_groups:
             problems.append(f"model.latent_dim={m.latent_dim} (0: final_dim={m.final_dim}): the codevector size "
                             f"{vq_dim} must be divisible by model.latent_groups={m.latent_groups}")
-    if t.name == "audio_pretraining" and m.num_negatives < 1:
+    if t.name == "audio_pretraining" and m.name == "wav2vec2" and m.num_negatives < 1:
         problems.append(f"model.num_negatives={m.num_negatives}: wav2vec 2.0 pretraining needs >= 1 distractor")
+    if m.name == "data2vec2":
+        problems += _data2vec2_relations(cfg)
     if t.max_sample_size is not None and t.max_sample_size >= 1:
         if m.w2v_path is None:  # fine-tuning from a checkpoint: its front-end, not the recipe's
             shortest, what = shortest_input(m)
@@ -235,6 +248,33 @@ def _relations(cfg: Config) -> list[str]:
         if d.max_tokens is not None and t.max_sample_size > d.max_tokens >= 1:
             problems.append(f"task.max_sample_size={t.max_sample_size} exceeds dataset.max_tokens={d.max_tokens}: "
                             "one crop would not fit in a batch; lower task.max_sample_size or raise dataset.max_tokens")
+    return problems
+
+
+def _data2vec2_relations(cfg: Config) -> list[str]:
+    m, t = cfg.model, cfg.task
+    problems = []
+    if m.prenet_depth >= m.encoder_layers:
+        problems.append(f"model.prenet_depth={m.prenet_depth}: must be < model.encoder_layers={m.encoder_layers} "
+                        "(the prenet is the first prenet_depth of the encoder's layers)")
+    elif m.average_top_k_layers > m.encoder_layers - m.prenet_depth:
+        problems.append(f"model.average_top_k_layers={m.average_top_k_layers}: the targets average the top layers "
+                        f"after the prenet, at most model.encoder_layers - model.prenet_depth = "
+                        f"{m.encoder_layers - m.prenet_depth}")
+    for key in ("encoder_embed_dim", "decoder_dim"):
+        if getattr(m, key) % max(1, m.decoder_groups):
+            problems.append(f"model.{key}={getattr(m, key)}: must be divisible by model.decoder_groups={m.decoder_groups}")
+    if m.mask_prob + m.mask_prob_adjust >= 1 and t.name == "audio_pretraining":
+        problems.append(f"model.mask_prob={m.mask_prob} + model.mask_prob_adjust={m.mask_prob_adjust}: must be < 1")
+    if m.layer_norm_first:
+        problems.append("model.layer_norm_first=true: speechssl's data2vec 2.0 is post-LN, as the published audio models")
+    if t.name == "audio_pretraining":
+        if cfg.criterion.name != "data2vec2":
+            problems.append(f"criterion.name={cfg.criterion.name}: data2vec 2.0 pretraining (model.name=data2vec2) "
+                            "uses criterion.name=data2vec2")
+        if t.enable_padding:
+            problems.append("task.enable_padding=true: data2vec 2.0 pretraining crops every batch to its shortest "
+                            "utterance (the student encodes as many frames of every row); set it false")
     return problems
 
 

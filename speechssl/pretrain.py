@@ -1,8 +1,10 @@
-"""``speechssl pretrain RECIPE [section.key=value ...]``: self-supervised pretraining (wav2vec 2.0, HuBERT).
+"""``speechssl pretrain RECIPE [section.key=value ...]``: self-supervised pretraining (wav2vec 2.0, HuBERT,
+data2vec 2.0).
 
 A thin dispatcher: :func:`builder_for` picks the task's ``build(cfg) -> TrainingSetup`` by ``task.name``
-(``audio_pretraining``: :mod:`speechssl.tasks.wav2vec2`; ``hubert_pretraining``: :mod:`speechssl.tasks.hubert`);
-the training loop, checkpoints, resume and logging live in :mod:`speechssl.train.loop`.
+and, for ``audio_pretraining`` (fairseq's task of both wav2vec 2.0 and data2vec 2.0), ``model.name``:
+:mod:`speechssl.tasks.wav2vec2`, :mod:`speechssl.tasks.data2vec2`, :mod:`speechssl.tasks.hubert`. The
+training loop, checkpoints, resume and logging live in :mod:`speechssl.train.loop`.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import argparse
 from speechssl.train.command import add_recipe_arguments, run_recipe
 
 DESCRIPTION = """\
-Pretrain a wav2vec 2.0 model on unlabeled audio (fairseq's audio_pretraining task), or HuBERT on
-cluster labels of that audio (hubert_pretraining: task.labels=[km], label files <split>.km and
-dict.km.txt from 'speechssl label' in task.label_dir), from a recipe (YAML, fairseq key names) and
+Pretrain a wav2vec 2.0 model on unlabeled audio (fairseq's audio_pretraining task), a data2vec 2.0
+model (audio_pretraining with model.name=data2vec2: an EMA teacher's targets, recipes/data2vec2_*.yaml),
+or HuBERT on cluster labels of that audio (hubert_pretraining: task.labels=[km], label files
+<split>.km and dict.km.txt from 'speechssl label' in task.label_dir), from a recipe (YAML, fairseq key names) and
 section.key=value overrides. Runs on CPU or GPU (common.device=auto),
 on several local processes (distributed_training.nproc=N), or under torchrun on one or many nodes.
 
@@ -43,6 +46,9 @@ Examples:
   speechssl pretrain recipes/hubert_tiny.yaml task.data=manifests/demo/unlabeled \\
       task.label_dir=work/it2/labels task.label_rate=50 checkpoint.save_dir=runs/hubert_it2
 
+  # data2vec 2.0: the small CPU recipe on the demo corpus (log-mel front-end, ~10 minutes on 2 cores)
+  speechssl pretrain recipes/data2vec2_tiny.yaml task.data=manifests/demo/unlabeled checkpoint.save_dir=runs/d2v
+
   # show the resolved configuration and exit
   speechssl pretrain recipes/wav2vec2_base.yaml task.data=manifests/librispeech --print-config
 """
@@ -53,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def builder_for(cfg):
-    """The ``build(cfg) -> TrainingSetup`` function of the pretraining task ``task.name`` names."""
+    """The ``build(cfg) -> TrainingSetup`` function of the pretraining task ``task.name`` (and, for
+    ``audio_pretraining``, ``model.name``) names."""
     if cfg.task.name == "hubert_pretraining":
         from speechssl.tasks.hubert import build_hubert_pretraining
 
@@ -63,6 +70,10 @@ def builder_for(cfg):
 
         raise ConfigError(f"task.name '{cfg.task.name}' is not a pretraining task: use audio_pretraining (wav2vec "
                           "2.0) or hubert_pretraining (HuBERT); fine-tuning tasks run with 'speechssl finetune'")
+    if cfg.model.name == "data2vec2":
+        from speechssl.tasks.data2vec2 import build_data2vec2_pretraining
+
+        return build_data2vec2_pretraining
     from speechssl.tasks.wav2vec2 import build_wav2vec2_pretraining
 
     return build_wav2vec2_pretraining
@@ -70,7 +81,7 @@ def builder_for(cfg):
 
 def build_pretraining(cfg):
     """Model, objective, datasets and health alarms of the pretraining task ``cfg`` describes (a
-    TrainingSetup): wav2vec 2.0 (:mod:`speechssl.tasks.wav2vec2`) or HuBERT (:mod:`speechssl.tasks.hubert`)."""
+    TrainingSetup): wav2vec 2.0, data2vec 2.0 or HuBERT (see :func:`builder_for`)."""
     return builder_for(cfg)(cfg)
 
 

@@ -1,4 +1,5 @@
-"""Import original fairseq checkpoints: wav2vec 2.0 / HuBERT pretraining and CTC fine-tuned (Wav2VecCtc).
+"""Import original fairseq checkpoints: wav2vec 2.0 / HuBERT / data2vec 2.0 pretraining and CTC fine-tuned
+(Wav2VecCtc). data2vec 2.0 (``data2vec_multi``) has its own names and config layout: :mod:`speechssl.interop.data2vec`.
 
 The file is read by :func:`speechssl.interop.unpickle.load_fairseq_checkpoint` (no fairseq needed, no
 code run). Its configuration is ``cfg`` (2021+: ``cfg["model"]``, ``cfg["task"]``) or ``args`` (2020:
@@ -49,6 +50,7 @@ import torch
 from torch import Tensor
 
 from speechssl.config import ModelConfig, coerce
+from speechssl.interop import data2vec
 from speechssl.interop.common import InteropError, imported_config
 from speechssl.interop.unpickle import load_fairseq_checkpoint
 
@@ -65,7 +67,8 @@ UNSUPPORTED = {"layer_type": "transformer", "pos_conv_depth": 1, "quantize_input
                "same_quantizer": False, "quantizer_depth": 1, "adp_num": -1, "pos_enc_type": "abs"}
 # fairseq model name (or arch prefix, e.g. wav2vec2_large_lv60k) -> kind; CTC names first (hubert_ctc is
 # also a hubert_* arch name)
-_MODEL_NAMES = {"wav2vec_ctc": "ctc", "hubert_ctc": "ctc", "wav2vec2": "wav2vec2", "hubert": "hubert"}
+_MODEL_NAMES = {"wav2vec_ctc": "ctc", "hubert_ctc": "ctc", "wav2vec2": "wav2vec2", "hubert": "hubert",
+                "data2vec_multi": "data2vec2"}
 
 _RULES = [
     (r"feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)", r"feature_extractor.conv_layers.\1.conv.\2"),
@@ -203,7 +206,7 @@ def _model_kind(model_section: Mapping[str, Any], source: str) -> str:
         if name == prefix or name.startswith(prefix + "_"):
             return kind
     raise InteropError(f"{source}: fairseq model '{name}' is not supported; speechssl imports wav2vec2, hubert, "
-                       "wav2vec_ctc and hubert_ctc checkpoints")
+                       "data2vec_multi (audio), wav2vec_ctc and hubert_ctc checkpoints")
 
 
 def read_dictionary(path: str | Path) -> list[str]:
@@ -231,6 +234,12 @@ def import_fairseq(path: str | Path, dictionary: Optional[str | Path] = None):
     kind = _model_kind(model_section, source)
     history = ckpt.get("optimizer_history")
     num_updates = int(history[-1].get("num_updates", 0) or 0) if isinstance(history, list) and history else 0
+    if kind == "data2vec2":
+        cfg = data2vec.model_config_from_fairseq(model_section, source)
+        state = data2vec.convert_fairseq_state_dict(weights, cfg.prenet_depth, source)
+        config = imported_config(cfg, sample_rate=int(task_section.get("sample_rate", 16000) or 16000),
+                                 normalize=bool(task_section.get("normalize", False)))
+        return state, config, num_updates
     if kind != "ctc":
         state = convert_upstream_state_dict(weights, source)
         cfg = model_config_from_fairseq(model_section, kind, source)
@@ -270,7 +279,10 @@ def _import_ctc(weights: dict[str, Tensor], model_section: Mapping[str, Any], ta
                            "cannot rebuild the upstream without it")
     inner_model, inner_task = _sections({"cfg": w2v_args} if "model" in w2v_args else {"args": w2v_args}, source)
     kind = _model_kind(inner_model, source)
-    cfg = model_config_from_fairseq(inner_model, kind, source)
+    if kind == "data2vec2":
+        cfg = data2vec.model_config_from_fairseq(inner_model, source, pretraining=False)
+    else:
+        cfg = model_config_from_fairseq(inner_model, kind, source)
     # fine-tuning overrides, fairseq's Wav2Vec2AsrConfig names (layerdrop -> encoder_layerdrop)
     over = {k: model_section[k] for k in ("dropout", "attention_dropout", "activation_dropout", "dropout_input",
                                           "mask_prob", "mask_length", "mask_channel_prob", "mask_channel_length",
@@ -283,10 +295,13 @@ def _import_ctc(weights: dict[str, Tensor], model_section: Mapping[str, Any], ta
     types = typing.get_type_hints(ModelConfig)
     cfg = dataclasses.replace(cfg, **{k: coerce(v, types[k], f"{source}: model.{k}") for k, v in over.items()},
                               quantize_targets=False, num_classes=[])
-    upstream = {k[len("w2v_encoder.w2v_model."):]: v for k, v in weights.items()
-                if k.startswith("w2v_encoder.w2v_model.")}
-    state = {f"w2v_model.{k}": v for k, v in convert_upstream_state_dict(upstream, source).items()
-             if not k.startswith(("quantizer.", "project_q.", "final_proj.", "label_embs_concat"))}
+    if kind == "data2vec2":
+        state = data2vec.fairseq_ctc_upstream(weights, cfg.prenet_depth, source)
+    else:
+        upstream = {k[len("w2v_encoder.w2v_model."):]: v for k, v in weights.items()
+                    if k.startswith("w2v_encoder.w2v_model.")}
+        state = {f"w2v_model.{k}": v for k, v in convert_upstream_state_dict(upstream, source).items()
+                 if not k.startswith(("quantizer.", "project_q.", "final_proj.", "label_embs_concat"))}
     for part in ("weight", "bias"):
         key = f"w2v_encoder.proj.{part}"
         if key not in weights:

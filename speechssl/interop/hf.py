@@ -4,12 +4,16 @@ Export writes ``config.json`` + ``model.safetensors`` that transformers loads wi
 
     wav2vec 2.0 pretraining  -> Wav2Vec2ForPreTraining   (quantizer, project_q, project_hid included)
     HuBERT pretraining       -> HubertModel              (final_proj / label embeddings: no counterpart, left out)
-    CTC (wav2vec 2.0/HuBERT) -> Wav2Vec2ForCTC / HubertForCTC, plus vocab.json, tokenizer_config.json,
+    data2vec pretraining     -> Data2VecAudioModel       (the student encoder, without ALiBi only: transformers'
+                                                          data2vec audio is the data2vec 1.0 encoder; decoder
+                                                          and teacher left out)
+    CTC (wav2vec 2.0/HuBERT/ -> Wav2Vec2ForCTC / HubertForCTC / Data2VecAudioForCTC, plus vocab.json, tokenizer_config.json,
+         data2vec)
                                 special_tokens_map.json and preprocessor_config.json, so that
                                 ``Wav2Vec2Processor.from_pretrained(DIR)`` decodes the model's output
 
 Parameter names: :mod:`speechssl.interop.names` (and :mod:`speechssl.models.weights` for the other
-way).
+way; data2vec's differences: :mod:`speechssl.interop.data2vec`).
 
 CTC vocabularies. speechssl's own are fairseq's (``<s> <pad> </s> <unk> ...``, blank = index 0);
 transformers' CTC blank is its tokenizer's pad token (``pad_token_id``), so the first two names are
@@ -35,6 +39,7 @@ import torch
 from torch import Tensor
 
 from speechssl.config import ModelConfig
+from speechssl.interop import data2vec
 from speechssl.interop.common import InteropError, Loaded, export_dir, imported_config
 from speechssl.interop.names import PRETRAINING_HEADS, upstream_to_reference
 from speechssl.models.weights import config_from_transformers, convert_reference_state_dict, transformers_config_kwargs
@@ -47,13 +52,14 @@ SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 def hf_config(loaded: Loaded) -> dict[str, Any]:
     """The ``config.json`` content for ``loaded``'s model."""
     cfg = loaded.cfg.model
-    kwargs = transformers_config_kwargs(cfg)
-    hubert = cfg.name == "hubert"
+    hubert, d2v = cfg.name == "hubert", cfg.name == "data2vec2"
+    kwargs = data2vec.transformers_config_kwargs(cfg) if d2v else transformers_config_kwargs(cfg)
+    model_type = "hubert" if hubert else "data2vec-audio" if d2v else "wav2vec2"
     if hubert:
         kwargs = {k: v for k, v in kwargs.items() if k not in _QUANTIZER_KEYS}
         kwargs.update(feat_proj_layer_norm=True, conv_pos_batch_norm=False)
     if loaded.is_ctc:
-        arch = "HubertForCTC" if hubert else "Wav2Vec2ForCTC"
+        arch = "HubertForCTC" if hubert else "Data2VecAudioForCTC" if d2v else "Wav2Vec2ForCTC"
         layout = hf_vocab_layout(loaded)
         ids = {name: i for i, name in enumerate(layout.names)}
         kwargs.update(vocab_size=len(layout.names), pad_token_id=ids[layout.pad],
@@ -61,20 +67,27 @@ def hf_config(loaded: Loaded) -> dict[str, Any]:
                       ctc_loss_reduction="sum", ctc_zero_infinity=True, final_dropout=cfg.final_dropout)
     elif hubert:
         arch = "HubertModel"
+    elif d2v:
+        arch = "Data2VecAudioModel"
     else:
         arch = "Wav2Vec2ForPreTraining" if cfg.quantize_targets else "Wav2Vec2Model"
-    return {"architectures": [arch], "model_type": "hubert" if hubert else "wav2vec2", **kwargs}
+    return {"architectures": [arch], "model_type": model_type, **kwargs}
+
+
+_PREFIX = {"hubert": "hubert.", "data2vec2": "data2vec_audio.", "wav2vec2": "wav2vec2."}
+_D2V_PRETRAINING = ("decoder.", "teacher.")  # data2vec 2.0's pretraining modules: no transformers counterpart
 
 
 def hf_state_dict(loaded: Loaded) -> tuple[dict[str, Tensor], list[str]]:
     """transformers weights for ``loaded`` and the speechssl keys left out."""
     cfg = loaded.cfg.model
     upstream = loaded.upstream.state_dict()
-    heads = {k: v for k, v in upstream.items() if k in PRETRAINING_HEADS or k == "label_embs_concat"}
+    heads = {k: v for k, v in upstream.items()
+             if k in PRETRAINING_HEADS or k == "label_embs_concat" or k.startswith(_D2V_PRETRAINING)}
     body, unmapped = upstream_to_reference({k: v for k, v in upstream.items() if k not in heads}, "transformers")
-    prefix = "hubert." if cfg.name == "hubert" else "wav2vec2."
+    prefix = _PREFIX[cfg.name]
     arch = hf_config(loaded)["architectures"][0]
-    if arch in ("HubertModel", "Wav2Vec2Model"):
+    if arch in ("HubertModel", "Wav2Vec2Model", "Data2VecAudioModel"):
         out = dict(body)
         unmapped += sorted(heads)
     else:
@@ -181,14 +194,20 @@ def _model_config(raw: dict[str, Any], folder: Path) -> ModelConfig:
     import transformers
 
     model_type = raw.get("model_type")
-    if model_type not in ("wav2vec2", "hubert"):
-        raise InteropError(f"{folder}/config.json: model_type {model_type!r}; speechssl imports wav2vec2 and hubert")
-    cls = transformers.HubertConfig if model_type == "hubert" else transformers.Wav2Vec2Config
+    if model_type not in ("wav2vec2", "hubert", "data2vec-audio"):
+        raise InteropError(f"{folder}/config.json: model_type {model_type!r}; speechssl imports wav2vec2, hubert and "
+                           "data2vec-audio")
+    cls = {"hubert": transformers.HubertConfig, "data2vec-audio": transformers.Data2VecAudioConfig}.get(
+        model_type, transformers.Wav2Vec2Config)
     hf = cls.from_dict(raw)
     if hf.feat_extract_activation != "gelu":
         raise InteropError(f"{folder}: feat_extract_activation={hf.feat_extract_activation} (speechssl: gelu)")
     if getattr(hf, "layer_norm_eps", 1e-5) != 1e-5:
         raise InteropError(f"{folder}: layer_norm_eps={hf.layer_norm_eps} (speechssl uses 1e-5)")
+    if getattr(hf, "add_adapter", False) or getattr(hf, "adapter_attn_dim", None):
+        raise InteropError(f"{folder}: adapters are not supported")
+    if model_type == "data2vec-audio":
+        return data2vec.config_from_transformers(hf)
     if model_type == "hubert":
         if not getattr(hf, "feat_proj_layer_norm", True) or getattr(hf, "conv_pos_batch_norm", False):
             raise InteropError(f"{folder}: feat_proj_layer_norm=false / conv_pos_batch_norm=true are not supported")
@@ -198,8 +217,6 @@ def _model_config(raw: dict[str, Any], folder: Path) -> ModelConfig:
         # transformers' frame padding rule (conv output length), so that the import computes what the source did
         return dataclasses.replace(config_from_transformers(d), name="hubert", quantize_targets=False, final_dim=256,
                                    untie_final_proj=False, frame_padding="conv_length")
-    if getattr(hf, "adapter_attn_dim", None) or getattr(hf, "add_adapter", False):
-        raise InteropError(f"{folder}: adapters are not supported")
     return config_from_transformers(hf)
 
 
@@ -299,19 +316,23 @@ def import_hf(folder: str | Path):
     model_cfg = _model_config(raw, folder)
     weights = _read_weights(folder)
     lm = {k: weights.pop(k) for k in ("lm_head.weight", "lm_head.bias") if k in weights}
-    body = {(k[len("hubert."):] if k.startswith("hubert.") else k): v for k, v in weights.items()}
-    try:
-        state = convert_reference_state_dict(body)  # task heads other than CTC (classifier ...) are refused
+    d2v = model_cfg.name == "data2vec2"
+    body = {(k[len("hubert."):] if k.startswith("hubert.") else k): v for k, v in weights.items()
+            if not (d2v and k.endswith("masked_spec_embed"))}  # data2vec: masks with noise (module docstring)
+    try:  # task heads other than CTC (classifier ...) are refused
+        state = convert_reference_state_dict(body, keep_projection=d2v)
     except ValueError as exc:
         raise InteropError(f"{folder}: {exc}") from None
     fresh = build_model(model_cfg).state_dict()
+    if d2v:  # the teacher starts as a copy of the encoder, as in a fresh run
+        state = data2vec.with_teacher_from_encoder(state)
     notes = sorted(k for k in fresh if k not in state)
     state = {**{k: fresh[k] for k in notes}, **state}
     vocab, specials, pad_id = None, [], 0
     if lm:
         pad_id = int(raw.get("pad_token_id", 0) or 0)
         vocab, rows, specials = _vocab(folder, lm["lm_head.weight"].shape[0], pad_id)
-        drop = ("quantizer.", "project_q.", "final_proj.", "label_embs_concat")
+        drop = ("quantizer.", "project_q.", "final_proj.", "label_embs_concat", *_D2V_PRETRAINING)
         state = {f"w2v_model.{k}": v for k, v in state.items() if not k.startswith(drop)}
         index = torch.tensor(rows)  # blank first: speechssl's CTC layout
         state["proj.weight"], state["proj.bias"] = lm["lm_head.weight"][index], lm["lm_head.bias"][index]

@@ -26,6 +26,7 @@ _RULES: list[tuple[str, str, str | None]] = [
     (r"encoder\.pos_conv\.conv\.(bias|parametrizations\.weight\.original[01])",
      r"encoder.pos_conv_embed.conv.\1", r"encoder.transformer.pos_conv_embed.conv.\1"),
     (r"encoder\.layer_norm\.(weight|bias)", r"encoder.layer_norm.\1", r"encoder.transformer.layer_norm.\1"),
+    (r"encoder\.pos_conv\.layers\.(\d+)\.conv\.(weight|bias)", r"encoder.pos_conv_embed.layers.\1.conv.\2", None),
     (_ENCODER_LAYER + r"self_attn\.out_proj\.(weight|bias)",
      r"encoder.layers.\1.attention.out_proj.\2", r"encoder.transformer.layers.\1.attention.out_proj.\2"),
     (_ENCODER_LAYER + r"self_attn_layer_norm\.(weight|bias)",

@@ -1,4 +1,4 @@
-"""Models: wav2vec 2.0 and HuBERT (which shares wav2vec 2.0's building blocks).
+"""Models: wav2vec 2.0, HuBERT and data2vec 2.0 (which share wav2vec 2.0's building blocks).
 
 ``build_model(cfg.model)`` is what the trainer calls; the ``*_config()`` functions spell out the
 published configurations as :class:`~speechssl.config.ModelConfig` objects.
@@ -9,6 +9,15 @@ from __future__ import annotations
 from torch import nn
 
 from speechssl.config import ModelConfig
+from speechssl.models.data2vec2 import (
+    Data2Vec2Model,
+    data2vec2_base,
+    data2vec2_base_config,
+    data2vec2_large,
+    data2vec2_large_config,
+    data2vec2_tiny,
+    data2vec2_tiny_config,
+)
 from speechssl.models.hubert import (
     HubertModel,
     hubert_base,
@@ -28,7 +37,7 @@ from speechssl.models.wav2vec2 import (
     wav2vec2_tiny_config,
 )
 
-MODEL_NAMES = ("wav2vec2", "hubert")
+MODEL_NAMES = ("wav2vec2", "hubert", "data2vec2")
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -37,14 +46,23 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         return Wav2Vec2Model(cfg)
     if cfg.name == "hubert":
         return HubertModel(cfg)
+    if cfg.name == "data2vec2":
+        return Data2Vec2Model(cfg)
     raise ValueError(f"unknown model.name '{cfg.name}'; available: {', '.join(MODEL_NAMES)}")
 
 
 __all__ = [
+    "Data2Vec2Model",
     "HubertModel",
     "MODEL_NAMES",
     "Wav2Vec2Model",
     "build_model",
+    "data2vec2_base",
+    "data2vec2_base_config",
+    "data2vec2_large",
+    "data2vec2_large_config",
+    "data2vec2_tiny",
+    "data2vec2_tiny_config",
     "hubert_base",
     "hubert_base_config",
     "hubert_large",

@@ -382,10 +382,11 @@ class FeatureProjection(nn.Module):
     on export, see :func:`speechssl.interop.names.upstream_to_reference`).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, dropout: float):
+    def __init__(self, in_dim: int, out_dim: int, dropout: float, always_project: bool = False):
         super().__init__()
         self.layer_norm = nn.LayerNorm(in_dim)
-        self.projection: Optional[nn.Linear] = nn.Linear(in_dim, out_dim) if in_dim != out_dim else None
+        project = always_project or in_dim != out_dim  # data2vec 2.0 always has the Linear (always_project)
+        self.projection: Optional[nn.Linear] = nn.Linear(in_dim, out_dim) if project else None
         self.dropout = Dropout(dropout)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
@@ -433,6 +434,7 @@ class SelfAttention(nn.Module):
     Args (forward):
         x: ``(B, L, D)``.
         key_padding_mask: ``(B, L)`` bool, True at padded frames (never attended to), or None.
+        attn_bias: ``(B or 1, heads, L, L)`` float added to the attention logits (data2vec 2.0's ALiBi), or None.
     """
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
@@ -446,15 +448,20 @@ class SelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, attn_bias: Optional[Tensor] = None) -> Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv_proj(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        if attn_bias is not None:  # a float mask: the bias, -inf at padded keys
+            bias = attn_bias.to(q.dtype)
+            attend = bias if attend is None else bias.masked_fill(~attend, float("-inf"))
         p = self.dropout if self.training else 0.0
         if p > 0.0 and x.device.type == "cpu":
             scores = torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1))  # (B, H, L, L)
-            if attend is not None:
+            if attend is not None and attend.dtype == torch.bool:
                 scores = scores.masked_fill(~attend, float("-inf"))
+            elif attend is not None:
+                scores = scores + attend
             probs = dropout(scores.softmax(-1), p, True)  # CPU softmax accumulates bf16 in fp32
             out = torch.matmul(probs, v)
         else:
@@ -492,12 +499,21 @@ class TransformerLayer(nn.Module):
     def _ffn(self, x: Tensor) -> Tensor:
         return self.dropout3(self.fc2(self.dropout2(self.activation(self.fc1(x)))))
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, attn_bias: Optional[Tensor] = None) -> Tensor:
+        return self.forward_with_ffn(x, key_padding_mask, attn_bias)[0]
+
+    def forward_with_ffn(self, x: Tensor, key_padding_mask: Optional[Tensor] = None,
+                         attn_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """The layer's output and its feed-forward block's output ``fc2(...)`` before the residual add (and, for
+        post-LN, before LN2): data2vec's per-layer targets (fairseq's ``AltBlock`` with ``ffn_targets``).
+        ``attn_bias``: see :class:`SelfAttention`."""
         if self.layer_norm_first:
-            x = x + self.dropout1(self.self_attn(self.self_attn_layer_norm(x), key_padding_mask))
-            return x + self._ffn(self.final_layer_norm(x))
-        x = self.self_attn_layer_norm(x + self.dropout1(self.self_attn(x, key_padding_mask)))
-        return self.final_layer_norm(x + self._ffn(x))
+            x = x + self.dropout1(self.self_attn(self.self_attn_layer_norm(x), key_padding_mask, attn_bias))
+            ffn = self._ffn(self.final_layer_norm(x))
+            return x + ffn, ffn
+        x = self.self_attn_layer_norm(x + self.dropout1(self.self_attn(x, key_padding_mask, attn_bias)))
+        ffn = self._ffn(x)
+        return self.final_layer_norm(x + ffn), ffn
 
 
 def compile_transformer_layers(model: nn.Module, backend: str = "inductor") -> int:

@@ -187,3 +187,36 @@ def mask_positions(mask: Tensor, count: int) -> Tensor:
     stable descending sort puts the True entries first, in order.
     """
     return mask.to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices[..., :count]
+
+
+def block_mask(shape: tuple[int, int], mask_prob: float, mask_length: int, mask_prob_adjust: float = 0.0,
+               device: Optional[torch.device | str] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+    """data2vec 2.0's block mask (fairseq's ``compute_block_mask_1d``, ``require_same_masks``): bool ``(B, L)``,
+    True = masked, exactly ``int(L * mask_prob)`` masked frames in every row.
+
+    1. ``int(L * (mask_prob + mask_prob_adjust) / mask_length)`` span centres per row, uniform over the ``L``
+       frames, with replacement; each masks frames ``c - mask_length // 2 .. c - mask_length // 2 +
+       mask_length - 1``, clipped to ``[0, L - 1]`` (overlaps merge);
+    2. then exactly ``int(L * mask_prob)`` per row: a uniformly random subset of the painted frames when there
+       are more, all of them plus uniformly random other frames when there are fewer (fairseq unmasks / masks
+       such frames with ``multinomial``; here the ``int(L * mask_prob)`` largest of ``painted + U[0, 1)``, the
+       same distribution, in one ``topk`` on the device, no host read).
+
+    The count is the same in every row, so the unmasked frames of a batch form a ``(B, L - M)`` block.
+    fairseq draws these masks per utterance at its full length in the data loader and crops them with the
+    batch; here they are drawn at the batch's length, so every row has exactly ``int(L * mask_prob)``.
+    """
+    B, L = shape
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if mask_length < 1:
+        raise ValueError(f"mask length must be >= 1, got {mask_length}")
+    target = int(L * mask_prob)
+    painted = torch.zeros(B, L, dtype=torch.bool, device=device)
+    spans = int(L * (mask_prob + mask_prob_adjust) / mask_length)
+    if spans > 0 and L > 0:
+        centres = torch.randint(0, L, (B, spans), device=device, generator=generator)
+        offsets = torch.arange(mask_length, device=device) - mask_length // 2
+        painted.scatter_(1, (centres[:, :, None] + offsets).clamp_(0, L - 1).reshape(B, -1), True)
+    keys = torch.rand(B, L, device=device, generator=generator) + painted
+    chosen = keys.topk(target, dim=1).indices
+    return torch.zeros(B, L, dtype=torch.bool, device=device).scatter_(1, chosen, True)

@@ -1,4 +1,4 @@
-"""Loading a pretrained upstream (wav2vec 2.0 or HuBERT) from a speechssl checkpoint.
+"""Loading a pretrained upstream (wav2vec 2.0, HuBERT or data2vec 2.0) from a speechssl checkpoint.
 
 ``load_pretrained(path, overrides)`` reads any checkpoint ``speechssl pretrain`` or ``speechssl finetune``
 wrote (``weights_only``), rebuilds the upstream from the checkpoint's own ``config["model"]`` section
@@ -11,7 +11,8 @@ wrote (``weights_only``), rebuilds the upstream from the checkpoint's own ``conf
     out["layer_results"]  # per-layer (B, L, D) outputs
 
 For a fine-tuned checkpoint (CTC or speaker ID) the upstream inside it (``w2v_model.*`` weights) is
-returned, without the task head and without the pretraining-only modules (quantizer, projections).
+returned, without the task head and without the pretraining-only modules (quantizer, projections, data2vec
+2.0's decoder and teacher: its upstream is the student).
 Checkpoints from other toolkits (fairseq, Hugging Face) are converted first with ``speechssl import``.
 """
 
@@ -25,14 +26,16 @@ from torch import nn
 
 from speechssl.config import ConfigError, ModelConfig, config_from_dict
 
-# Modules used only by the pretraining objectives (fairseq's remove_pretraining_modules()).
-PRETRAINING_MODULES = ("quantizer", "project_q", "final_proj", "label_embs_concat", "target_glu")
+# Modules used only by the pretraining objectives (fairseq's remove_pretraining_modules()); data2vec 2.0's
+# decoder and EMA teacher among them.
+PRETRAINING_MODULES = ("quantizer", "project_q", "final_proj", "label_embs_concat", "target_glu", "decoder", "teacher")
 # Prefix of the upstream's weights inside a fine-tuned checkpoint (fairseq: w2v_encoder.w2v_model).
 UPSTREAM_PREFIX = "w2v_model."
 
 
 def remove_pretraining_modules(model: nn.Module) -> nn.Module:
-    """Drop the pretraining heads (quantizer, ``project_q``, ``final_proj``, label embeddings) in place.
+    """Drop the pretraining heads (quantizer, ``project_q``, ``final_proj``, label embeddings, data2vec 2.0's
+    decoder and teacher) in place.
 
     ``model(..., features_only=True)`` does not use them; fine-tuned checkpoints do not store them.
     """
@@ -40,6 +43,13 @@ def remove_pretraining_modules(model: nn.Module) -> nn.Module:
         if name in model._modules or name in model._parameters:
             setattr(model, name, None)
     return model
+
+
+def padding_changes_outputs(cfg: ModelConfig) -> bool:
+    """Whether padding an utterance in a batch changes its outputs: a group-norm front-end (BASE) normalises
+    each channel over the padding too, data2vec's stacked positional convolutions see the padded frames
+    (:mod:`speechssl.models.data2vec2`). Evaluation scores such upstreams one utterance at a time."""
+    return cfg.extractor_mode in ("default", "group_norm") or (cfg.name == "data2vec2" and cfg.conv_pos_depth > 1)
 
 
 def _not_speechssl(path: Path, why: str) -> ConfigError:

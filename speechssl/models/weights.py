@@ -81,6 +81,8 @@ _RULES: list[tuple[str, str]] = [
     (r"encoder\.(?:transformer\.)?pos_conv_embed\.conv\.(?:parametrizations\.weight\.original1|weight_v)",
      "encoder.pos_conv.conv.parametrizations.weight.original1"),
     (r"encoder\.(?:transformer\.)?layer_norm\.(weight|bias)", r"encoder.layer_norm.\1"),
+    # transformers' data2vec audio: its stack of positional convolutions
+    (r"encoder\.pos_conv_embed\.layers\.(\d+)\.conv\.(weight|bias)", r"encoder.pos_conv.layers.\1.conv.\2"),
     (_LAYER + r"attention\.out_proj\.(weight|bias)", r"encoder.layers.\1.self_attn.out_proj.\2"),
     (_LAYER + r"layer_norm\.(weight|bias)", r"encoder.layers.\1.self_attn_layer_norm.\2"),
     (_LAYER + r"feed_forward\.intermediate_dense\.(weight|bias)", r"encoder.layers.\1.fc1.\2"),
@@ -95,14 +97,16 @@ _RULES: list[tuple[str, str]] = [
     (r"logit_generator\.label_embeddings", "label_embs_concat"),
     (r"logit_generator\.final_proj\.(weight|bias)", r"final_proj.\1"),
 ]
-_PREFIXES = ("wav2vec2.", "hubert.")
+_PREFIXES = ("wav2vec2.", "hubert.", "data2vec_audio.")
 _QKV = re.compile(_LAYER + r"attention\.(q|k|v)_proj\.(weight|bias)")
 
 
-def convert_reference_state_dict(state_dict: Mapping[str, Tensor], strict: bool = True) -> dict[str, Tensor]:
+def convert_reference_state_dict(state_dict: Mapping[str, Tensor], strict: bool = True,
+                                 keep_projection: bool = False) -> dict[str, Tensor]:
     """A torchaudio ``Wav2Vec2Model`` / ``HuBERTPretrainModel`` or transformers ``Wav2Vec2Model`` /
-    ``Wav2Vec2ForPreTraining`` / ``HubertModel`` state dict -> speechssl parameter names (tables in the
-    module docstring).
+    ``Wav2Vec2ForPreTraining`` / ``HubertModel`` / ``Data2VecAudioModel`` state dict -> speechssl parameter
+    names (tables in the module docstring; data2vec: :mod:`speechssl.interop.data2vec`).
+    ``keep_projection``: keep a square feature projection (data2vec, which always has one).
 
     Separate q/k/v projections are fused into ``qkv_proj``. Keys that have no counterpart raise
     ValueError listing them; with ``strict=False`` they are dropped. Load the result with
@@ -130,7 +134,8 @@ def convert_reference_state_dict(state_dict: Mapping[str, Tensor], strict: bool 
     if unmapped and strict:
         raise ValueError(f"{len(unmapped)} parameters have no speechssl counterpart: {unmapped[:8]}"
                          f"{' ...' if len(unmapped) > 8 else ''} (pass strict=False to drop them)")
-    _drop_identity_projection(out)
+    if not keep_projection:
+        _drop_identity_projection(out)
     return out
 
 

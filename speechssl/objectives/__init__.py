@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from speechssl.config import CriterionConfig, ModelConfig
+from speechssl.objectives.data2vec2 import Data2Vec2Criterion
 from speechssl.objectives.contrastive import Wav2Vec2Criterion, contrastive_logits, sample_negatives
 from speechssl.objectives.hubert import HubertCriterion
 from speechssl.objectives.output import LossOutput
 
-OBJECTIVE_NAMES = ("wav2vec", "hubert")
+OBJECTIVE_NAMES = ("wav2vec", "hubert", "data2vec2")
 
 
 def _wav2vec_weights(loss_weights: list[float]) -> tuple[float, float]:
@@ -47,8 +48,12 @@ def build_objective(criterion_cfg: CriterionConfig, model_cfg: ModelConfig) -> A
                              "[feature_penalty] (e.g. [10.0])")
         return HubertCriterion(criterion_cfg.pred_masked_weight, criterion_cfg.pred_nomask_weight,
                                weights[0] if weights else 0.0)
+    if criterion_cfg.name == "data2vec2":
+        if model_cfg.name != "data2vec2":
+            raise ValueError(f"criterion.name 'data2vec2' needs model.name 'data2vec2', got '{model_cfg.name}'")
+        return Data2Vec2Criterion(model_cfg.loss_beta, model_cfg.loss_scale)
     raise ValueError(f"unknown criterion.name '{criterion_cfg.name}'; available: {', '.join(OBJECTIVE_NAMES)}")
 
 
-__all__ = ["HubertCriterion", "LossOutput", "OBJECTIVE_NAMES", "Wav2Vec2Criterion", "build_objective",
+__all__ = ["Data2Vec2Criterion", "HubertCriterion", "LossOutput", "OBJECTIVE_NAMES", "Wav2Vec2Criterion", "build_objective",
            "contrastive_logits", "sample_negatives"]

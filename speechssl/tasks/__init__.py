@@ -4,6 +4,8 @@
 dispatch to them.
 
 * wav2vec 2.0 pretraining (``audio_pretraining``): :func:`speechssl.tasks.wav2vec2.build_wav2vec2_pretraining`
+* data2vec 2.0 pretraining (``audio_pretraining`` with ``model.name: data2vec2``):
+  :func:`speechssl.tasks.data2vec2.build_data2vec2_pretraining`
 * HuBERT pretraining (``hubert_pretraining``): :func:`speechssl.tasks.hubert.build_hubert_pretraining`
 * what the pretraining tasks share (DDP's unused parameters, the probe during pretraining):
   :mod:`speechssl.tasks.pretraining`

@@ -102,8 +102,11 @@ def evaluate_ctc(ckpt_path: str | Path, manifest_dir: str | Path, split: str = "
     model, cfg = load_ctc_checkpoint(str(ckpt_path), dev)
     vocab = Vocabulary.for_task(cfg.task)
     if batch_size is None and max_tokens is None:
-        # group norm over time (BASE's first conv layer) sees the padding: decode one utterance at a time
-        batch_size, max_tokens = (1, None) if cfg.model.extractor_mode == "default" else (None, 1_600_000)
+        # group norm over time (BASE's first conv layer) or data2vec's positional stack sees the padding: decode
+        # one utterance at a time
+        from speechssl.models.pretrained import padding_changes_outputs
+
+        batch_size, max_tokens = (1, None) if padding_changes_outputs(cfg.model) else (None, 1_600_000)
     flashlight = None
     if decoder == "flashlight":
         from speechssl.decode.flashlight import FlashlightDecoder

@@ -1,4 +1,4 @@
-"""What the pretraining tasks (wav2vec 2.0, HuBERT) share: DDP's unused-parameter search and the probe.
+"""What the pretraining tasks (wav2vec 2.0, HuBERT, data2vec 2.0) share: DDP's unused-parameter search and the probe.
 """
 
 from __future__ import annotations

@@ -230,9 +230,10 @@ def evaluate_speaker_id(ckpt_path: str | Path, manifest_dir: str | Path, split: 
     ``eer_split``, ``eer_seed`` and ``force`` (replace existing output files).
 
     Upstreams with the group-norm feature extractor (wav2vec 2.0 / HuBERT BASE, ``extractor_mode:
-    default``) normalise each conv channel over the whole input, padding included, so padded batches
-    shift their features slightly; without ``batch_size`` and ``max_tokens`` those are scored one
-    utterance at a time (exact), others in batches of 1.6M samples.
+    default``) normalise each conv channel over the whole input, padding included, and data2vec's stacked
+    positional convolutions see the padded frames, so padded batches shift their features
+    (:func:`~speechssl.models.pretrained.padding_changes_outputs`); without ``batch_size`` and ``max_tokens``
+    those are scored one utterance at a time (exact), others in batches of 1.6M samples.
     """
     from speechssl.tasks.speaker_id import load_speaker_checkpoint
 
@@ -248,9 +249,10 @@ def evaluate_speaker_id(ckpt_path: str | Path, manifest_dir: str | Path, split: 
     dev = _device(device)
     t0 = time.perf_counter()
     model, cfg = load_speaker_checkpoint(ckpt_path, dev)
-    if batch_size is None and max_tokens is None:  # group norm over time sees the padding: one at a time
-        group_norm = cfg.model.extractor_mode in ("default", "group_norm")
-        batch_size, max_tokens = (1, None) if group_norm else (None, 1_600_000)
+    if batch_size is None and max_tokens is None:  # outputs that see the padding: one at a time
+        from speechssl.models.pretrained import padding_changes_outputs
+
+        batch_size, max_tokens = (1, None) if padding_changes_outputs(cfg.model) else (None, 1_600_000)
     speakers = model.speakers
     index = {s: i for i, s in enumerate(speakers)}
     data = eval_dataset(manifest_dir, split, cfg.task.sample_rate, cfg.task.normalize)

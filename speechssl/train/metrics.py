@@ -27,7 +27,7 @@ _SUMMED = ("sample_size", "nsentences", "audio_samples", "num_masked", "skipped_
 _LAST = ("lr", "loss_scale", "epoch")
 _NOT_LOGGED = ("skipped", "overflow", "nonfinite")
 # Columns of the progress line, in order, with their format.
-_SHOWN = (("loss", ".3f"), ("contrastive", ".3f"), ("diversity", ".3f"), ("feature_pen", ".3f"),
+_SHOWN = (("loss", ".3f"), ("target_var", ".3f"), ("pred_var", ".3f"), ("contrastive", ".3f"), ("diversity", ".3f"), ("feature_pen", ".3f"),
           ("accuracy", ".3f"), ("wer", ".2f"), ("cer", ".2f"), ("emit_ratio", ".2f"), ("probe_cer", ".1f"), ("probe_accuracy", ".1f"), ("code_perplexity", ".1f"), ("prob_perplexity", ".1f"), ("temp", ".3f"),
           ("lr", ".2e"), ("grad_norm", ".2f"), ("audio_sec_per_sec", ".0f"))
 
@@ -89,15 +89,21 @@ class HealthMonitor:
     * accuracy stuck at chance (1 / (1 + negatives)) once ``start_update`` updates are done;
     * loss diverging: smoothed loss 50% (and 0.5 nats) above its best smoothed value.
     * CTC fine-tuning stuck emitting only blanks: ``emit_ratio`` (symbols emitted / target tokens)
-      below 0.05 once ``blank_alarm_update`` updates are done.
+      below 0.05 once ``blank_alarm_update`` updates are done;
+    * teacher-student collapse (data2vec 2.0): ``target_var`` below ``min_target_var`` or ``pred_var`` below
+      ``min_pred_var`` once ``variance_start_update`` updates are done (fairseq stops such a run after 5000
+      updates; here the log says so and the run goes on).
     Any of them is skipped when its setting is None.
     """
 
     def __init__(self, codebook_size: Optional[int] = None, chance_accuracy: Optional[float] = None,
                  start_update: int = 1000, blank_alarm_update: Optional[int] = None,
-                 collapse_start_update: int = 100):
+                 collapse_start_update: int = 100, min_target_var: Optional[float] = None,
+                 min_pred_var: Optional[float] = None, variance_start_update: int = 5000):
         self.codebook_size = codebook_size
         self.collapse_start_update = collapse_start_update
+        self.min_target_var, self.min_pred_var = min_target_var, min_pred_var
+        self.variance_start_update = variance_start_update
         self.chance = chance_accuracy
         self.start_update = start_update
         self.blank_alarm_update = blank_alarm_update
@@ -123,6 +129,15 @@ class HealthMonitor:
                 "short; encoder unfrozen too early or too late (model.freeze_finetune_updates); a vocabulary that "
                 "does not match the labels (task.labels, dict.ltr.txt / task.spm_model); too few updates yet "
                 "(from-scratch and weakly pretrained models sit on the all-blank plateau for hundreds of updates)")
+        if n >= self.variance_start_update:
+            for key, floor in (("target_var", self.min_target_var), ("pred_var", self.min_pred_var)):
+                value = record.get(key)
+                if floor is not None and value is not None and value < floor:
+                    alarms.append(
+                        f"{key} {value:.4f} < {floor:g} (model.min_{key}): the {'teacher' if key == 'target_var' else 'student'}"
+                        f"'s outputs are collapsing to a constant (the known failure of teacher-student training); "
+                        "lower optimization.lr, lengthen lr_scheduler.warmup_updates, raise model.ema_decay, or resume "
+                        "from an earlier checkpoint")
         loss = record.get("loss")
         if loss is not None and math.isfinite(loss):
             self.ema = loss if self.ema is None else 0.7 * self.ema + 0.3 * loss

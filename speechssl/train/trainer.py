@@ -18,7 +18,9 @@ An update (:meth:`Trainer.train_step`):
    sum over all frames / total frames, as fairseq), clip to ``optimization.clip_norm``;
 4. skip the update if the loss or the gradient norm is not finite (fp16: the loss scaler lowers its
    scale instead), abort after ``optimization.max_consecutive_nonfinite`` skipped updates in a row;
-5. step with the learning rate ``schedule(num_updates)``, then ``model.set_num_updates(num_updates + 1)``.
+5. step with the learning rate ``schedule(num_updates)``; a model with a moving-average teacher (data2vec
+   2.0) then moves it towards the new weights (``model.update_teacher(num_updates + 1)``); then
+   ``model.set_num_updates(num_updates + 1)``.
 
 Log values are averaged over micro-batches and ranks weighted by sample size, except counts
 (:data:`SUM_KEYS`) which are summed.
@@ -252,6 +254,8 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_streak = 0
+        if hasattr(self.model, "update_teacher"):  # self-distillation: the EMA step after the update
+            self.model.update_teacher(self.num_updates + 1)
         self._set_num_updates(self.num_updates + 1)
         return stats
 
