@@ -107,6 +107,10 @@ def inference_graph(loaded: Loaded) -> InferenceGraph:
 
 def export_onnx(loaded: Loaded, out: str | Path, force: bool = False, opset: int = 17) -> Path:
     """Write ``model.onnx`` and ``config.json`` into the folder ``out``; returns the model path."""
+    if loaded.cfg.model.name == "data2vec2":
+        raise InteropError("ONNX export covers wav2vec 2.0 and HuBERT encoders; data2vec 2.0's (positional "
+                           "convolution stack, ALiBi) is not exported yet: use it from speechssl, or --to hf for a "
+                           "data2vec model without ALiBi")
     try:
         import onnx  # noqa: F401  (torch's exporter needs it)
     except ImportError:

@@ -37,6 +37,9 @@ FORMAT = "torchaudio.models.wav2vec2_model"
 def torchaudio_export(loaded: Loaded) -> tuple[dict[str, Any], dict[str, Tensor], list[str]]:
     """``(config.json content, state dict, unmapped speechssl keys)`` for ``loaded``."""
     cfg = loaded.cfg.model
+    if cfg.name == "data2vec2":
+        raise InteropError("torchaudio's wav2vec2_model has no data2vec encoder (positional convolution stack, "
+                           "ALiBi); export data2vec models without ALiBi --to hf (transformers' Data2VecAudioModel)")
     if cfg.activation_fn != "gelu":
         raise InteropError(f"torchaudio's encoder has GELU only; the model uses {cfg.activation_fn}")
     kwargs = torchaudio_model_kwargs(cfg)
