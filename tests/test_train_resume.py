@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from speechssl.cli import main
 from speechssl.train.checkpoint import load_checkpoint
@@ -32,8 +33,35 @@ def setup(tmp_path_factory):
     return tmp, cli(recipe, f"task.data={man}")
 
 
+@pytest.fixture(scope="module")
+def d2v_setup(tmp_path_factory):
+    """The same corpus and schedule with the tiny data2vec 2.0 (student, decoder, EMA teacher)."""
+    from test_data2vec2 import d2v_recipe
+
+    tmp = tmp_path_factory.mktemp("resume_d2v")
+    man = make_corpus(tmp, {"train": LENGTHS, "valid": [9000, 10000]})
+    recipe = d2v_recipe(tmp / "d2v.yaml", man, common={"deterministic": True, "log_interval": 5},
+                        dataset={"num_workers": 1, "max_tokens": 24000},
+                        optimization={"max_update": 16},
+                        checkpoint={"save_interval_updates": 4, "keep_interval_updates": 1})
+    return tmp, cli(recipe)
+
+
 def test_sigkill_then_resume_is_exact(setup):
-    tmp, cmd = setup
+    kill_and_resume(*setup)
+
+
+def test_data2vec2_sigkill_then_resume_is_exact_with_the_teacher(d2v_setup):
+    tmp, _ = d2v_setup
+    kill_and_resume(*d2v_setup)
+    final = load_model_state(tmp / "killed" / "checkpoint_last.pt")
+    teacher = [k for k in final if k.startswith("teacher.")]
+    assert teacher and any(not torch.equal(final[k], final["encoder." + k[len("teacher."):]]) for k in teacher)
+
+
+def kill_and_resume(tmp, cmd):
+    """Run ``cmd`` to the end in ``tmp/full``; run it again in ``tmp/killed``, SIGKILL it after its first
+    checkpoint, re-run it there: the final weights (everything in the state dict) must be bit-identical."""
     full, killed = tmp / "full", tmp / "killed"
     subprocess.run(cmd + [f"checkpoint.save_dir={full}"], check=True, capture_output=True, text=True)
 
