@@ -320,7 +320,7 @@ def test_alibi_bias_follows_the_kept_positions_and_its_scale_is_clamped():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_health_alarm_on_collapsing_variance():
+def test_health_alarm_on_collapsing_variance(tmp_path):
     health = HealthMonitor(min_target_var=0.1, min_pred_var=0.01, variance_start_update=100)
     assert health.check({"update": 50, "target_var": 0.01, "pred_var": 0.001}) == []  # too early
     alarms = health.check({"update": 200, "target_var": 0.05, "pred_var": 0.5})
@@ -328,6 +328,13 @@ def test_health_alarm_on_collapsing_variance():
     alarms = health.check({"update": 300, "target_var": 0.5, "pred_var": 0.001})
     assert len(alarms) == 1 and "pred_var" in alarms[0]
     assert health.check({"update": 400, "target_var": 0.5, "pred_var": 0.5}) == []
+    # the task's monitor: a rising loss is no alarm (the targets gain variance), a collapse is
+    from speechssl.pretrain import build_pretraining
+
+    man = make_corpus(tmp_path, {"train": [9000] * 2, "valid": [9000]})
+    setup = build_pretraining(load_config(d2v_recipe(tmp_path / "r.yaml", man)))
+    assert [setup.health.check({"update": 600 + i, "loss": v}) for i, v in enumerate((2.0, 1.0, 9.0, 9.0))] == [[]] * 4
+    assert setup.health.check({"update": 700, "target_var": 0.01})
 
 
 def d2v_recipe(path, data, **sections):

@@ -203,6 +203,38 @@ def test_hubert_loss_and_gradients_on_device_equal_cpu_without_sync():
         (res.loss / res.sample_size).backward()
 
 
+def test_data2vec2_loss_gradients_and_teacher_on_device_equal_cpu_without_sync():
+    from speechssl.models import data2vec2_tiny_config
+    from speechssl.models.masking import block_mask
+
+    cfg = dataclasses.replace(data2vec2_tiny_config(), mask_noise_std=0.0)  # no random decoder input
+    cpu, dev = _pair(cfg)
+    objective = build_objective(CriterionConfig(name="data2vec2"), cfg)
+    source = torch.randn(2, 8000)
+    mask = block_mask((2 * cfg.clone_batch, 24), cfg.mask_prob, cfg.mask_length, cfg.mask_prob_adjust,
+                      generator=torch.Generator().manual_seed(0))
+    results = []
+    for model in (cpu, dev):
+        model.eval()  # no dropout: the same function on both devices
+        s, m = on(next(model.parameters()).device, source, mask)
+        out = model(s, mask_indices=m)
+        res = objective.compute(out)
+        res.loss.backward()
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+        model.update_teacher(3)
+        results.append((res.loss, out["pred"], out["targets"], res.logs["target_var"], model.encoder.alibi_scale.grad,
+                        model.decoder.proj.weight.grad, model.teacher.layers[0].fc1.weight))
+    for a, b in zip(*results):
+        close(a, b, 1e-3)
+    dev.train()
+    for dtype in (None, torch.bfloat16):
+        with torch.autocast(DEVICE.type, dtype=dtype or torch.float32, enabled=dtype is not None), no_sync():
+            res = objective(dev, {"source": source.to(DEVICE)})
+            (res.loss / res.sample_size).backward()
+            dev.update_teacher(4)
+        assert torch.isfinite(res.loss).item()
+
+
 def test_ctc_loss_on_device_equals_cpu():
     from speechssl.models.ctc import build_ctc_model
     from speechssl.objectives.ctc import CtcCriterion

@@ -11,7 +11,9 @@ limit still reports what it measured. ``--dry-run``: the same code paths on the 
   speechssl's :class:`~speechssl.train.trainer.Trainer` in bf16 at the published per-GPU batch
   (``dataset.max_tokens`` 1.4M samples: 5 crops of 250,000) and at 4x that, beside transformers'
   ``Wav2Vec2ForPreTraining`` and torchaudio's ``hubert_pretrain_model`` (HuBERT BASE, K=500) in the same
-  process: audio-seconds/s, tokens/s (1 token = one 20 ms frame), model FLOPs (``FlopCounterMode`` of one
+  process; data2vec 2.0 BASE (8 masked copies per utterance, the teacher's EMA step included) on the same
+  5 crops of 250,000 samples as wav2vec 2.0 (equal audio per batch; no other toolkit pretrains it):
+  audio-seconds/s, tokens/s (1 token = one 20 ms frame), model FLOPs (``FlopCounterMode`` of one
   step) and their utilisation of the bf16 matmul peak measured here, peak memory
   (``max_memory_allocated``, one implementation alive at a time), host-device syncs per update
   (``torch.cuda.set_sync_debug_mode("warn")``, and :func:`speechssl.utils.device.count_host_reads`);
@@ -23,8 +25,6 @@ limit still reports what it measured. ``--dry-run``: the same code paths on the 
   trainer's DataLoader) against the step: the share of the time spent waiting for a batch;
 * ``kmeans``: speechssl's k-means on the GPU against scikit-learn's MiniBatchKMeans with fairseq's HuBERT
   settings, HuBERT iteration-2 shape (100,000 x 768, K=500, as tools/bench_kmeans.py's ``hubert`` case).
-
-data2vec 2.0 is not implemented in speechssl, so it has no row.
 """
 
 from __future__ import annotations
@@ -112,21 +112,28 @@ def bf16_matmul_peak(device: torch.device, dry_run: bool) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def recipe_config(name: str, max_tokens: int, device: torch.device, dry_run: bool, *overrides: str):
-    """The published recipe (wav2vec2_base.yaml / hubert_base_iter2.yaml with K=500) in bf16 without
-    LayerDrop (every step does the same work); dry run: the tests' tiny models, 0.5 s crops."""
-    from speechssl.config import load_config
-    from speechssl.models import hubert_tiny_config, wav2vec2_tiny_config
+RECIPES = {"wav2vec2": "wav2vec2_base.yaml", "hubert": "hubert_base_iter2.yaml", "data2vec2": "data2vec2_base.yaml"}
 
-    recipe = ROOT / "recipes" / ("wav2vec2_base.yaml" if name == "wav2vec2" else "hubert_base_iter2.yaml")
+
+def recipe_config(name: str, max_tokens: int, device: torch.device, dry_run: bool, *overrides: str):
+    """The published recipe (wav2vec2_base.yaml / hubert_base_iter2.yaml with K=500 / data2vec2_base.yaml with
+    wav2vec 2.0's crops) in bf16 without LayerDrop (every step does the same work); dry run: the tests' tiny
+    models, 0.5 s crops."""
+    from speechssl.config import load_config
+    from speechssl.models import data2vec2_tiny_config, hubert_tiny_config, wav2vec2_tiny_config
+
+    recipe = ROOT / "recipes" / RECIPES[name]
     extra = [f"model.num_classes=[{K_ITER2}]", "model.label_rate=50"] if name == "hubert" else []
+    if name == "data2vec2" and not dry_run:  # wav2vec 2.0 BASE's crops: equal audio per batch
+        extra.append("task.max_sample_size=250000")
     if dry_run:  # 0.5 s crops (the config check wants crops that fit a batch)
         extra.append("task.max_sample_size=8000")
     cfg = load_config(recipe, ["common.fp16=false", "common.bf16=true", f"common.device={device.type}",
                                "model.encoder_layerdrop=0.0", f"dataset.max_tokens={max_tokens}", *extra,
                                *overrides])
     if dry_run:
-        cfg.model = wav2vec2_tiny_config() if name == "wav2vec2" else hubert_tiny_config([8], 50.0)
+        cfg.model = {"wav2vec2": wav2vec2_tiny_config, "data2vec2": data2vec2_tiny_config,
+                     "hubert": lambda: hubert_tiny_config([8], 50.0)}[name]()
     return cfg
 
 
@@ -273,12 +280,14 @@ def step_rows(res: Results, device: torch.device, dry_run: bool, compiled: bool)
     res.save()
     sizes = [16000] if dry_run else ([PUBLISHED_MAX_TOKENS] if compiled else [PUBLISHED_MAX_TOKENS, 4 * PUBLISHED_MAX_TOKENS])
     warmup, steps = (1, 2) if dry_run else (3, 8)
-    for name in ("wav2vec2", "hubert"):
-        for max_tokens in sizes:
+    for name in ("wav2vec2", "hubert", "data2vec2"):
+        if name == "data2vec2" and compiled:
+            continue
+        for max_tokens in sizes[:1] if name == "data2vec2" else sizes:
             extra = ["common.compile=true"] if compiled and not dry_run else []
             cfg = recipe_config(name, max_tokens, device, dry_run, *extra)
             batch = make_batch(cfg, device)
-            impls = ["speechssl"] if compiled else ["speechssl", REFERENCE[name]]
+            impls = ["speechssl"] if compiled or name not in REFERENCE else ["speechssl", REFERENCE[name]]
             for impl in impls:
                 row = {"model": name, "impl": impl, "max_tokens": max_tokens, "compile": compiled,
                        "batch": list(batch["source"].shape), "frames": batch["frames"]}

@@ -400,7 +400,9 @@ class Data2Vec2Model(nn.Module):
                 channels: zeros, as configured).
             features_only: the student encoder's output only (an upstream: fine-tuning, probes, extract).
             output_layer: 1-based encoder layer to stop at (features only).
-            mask_indices: ``(B, L)`` bool frame mask to use instead of a random one (features only).
+            mask_indices: bool frame mask to use instead of a random one: ``(B, L)`` (features only), or the
+                ``(B', L)`` mask of every copy in pretraining, each row with exactly ``int(L * mask_prob)``
+                masked frames (as :func:`~speechssl.models.masking.block_mask` draws them).
 
         Features only: a dict with ``x`` ``(B, L, D)``, ``padding_mask`` ``(B, L)`` frame-level or None,
         ``layer_results`` (every layer's output), ``mask_indices`` ``(B, L)`` or None.
@@ -423,7 +425,7 @@ class Data2Vec2Model(nn.Module):
         if frame_pad is not None:
             raise ValueError("data2vec 2.0 pretraining takes cropped batches without padding (task.enable_padding="
                              "false): the student encodes the same number of frames of every row")
-        return self._pretraining_outputs(features)
+        return self._pretraining_outputs(features, mask_indices)
 
     def _features(self, x: Tensor, frame_pad: Optional[Tensor], mask: bool, output_layer: Optional[int],
                   mask_indices: Optional[Tensor]) -> dict[str, Any]:
@@ -440,7 +442,7 @@ class Data2Vec2Model(nn.Module):
             check_covered(counts.get(), self.cfg.mask_length, min_masks=1)
         return {"x": x, "padding_mask": frame_pad, "layer_results": layer_results, "mask_indices": mask_indices}
 
-    def _pretraining_outputs(self, features: Tensor) -> dict[str, Any]:
+    def _pretraining_outputs(self, features: Tensor, mask: Optional[Tensor] = None) -> dict[str, Any]:
         if self.teacher is None or self.decoder is None:
             raise ValueError("this data2vec 2.0 model has no teacher / decoder (removed for fine-tuning): it gives "
                              "features only")
@@ -454,7 +456,11 @@ class Data2Vec2Model(nn.Module):
         with torch.no_grad():  # one teacher pass for all clone_batch copies
             targets = self.make_targets(self.teacher.ffn_outputs(features.detach()))  # (B, L, D) fp32
         x = features.unsqueeze(1).expand(B, R, L, D).reshape(B * R, L, D)  # each utterance R times, in a row
-        mask = block_mask((B * R, L), cfg.mask_prob, cfg.mask_length, cfg.mask_prob_adjust, device=x.device)
+        if mask is None:
+            mask = block_mask((B * R, L), cfg.mask_prob, cfg.mask_length, cfg.mask_prob_adjust, device=x.device)
+        elif mask.shape != (B * R, L):
+            raise ValueError(f"mask_indices of shape {tuple(mask.shape)}: pretraining takes one mask per copy, "
+                             f"({B * R}, {L})")
         keep = mask_positions(~mask, L - M)  # (B', K') ascending: x[~mask] without a host sync
         masked = mask_positions(mask, M)  # (B', M)
         x = x.masked_fill(mask.unsqueeze(-1), 0.0)  # fairseq's encoder_zero_mask, for the positional convolutions

@@ -31,8 +31,11 @@ def build_data2vec2_pretraining(cfg):
     objective = build_objective(cfg.criterion, m)
     train = dataset_for_split(cfg, cfg.dataset.train_subset)
     valid = None if cfg.dataset.disable_validation else dataset_for_split(cfg, cfg.dataset.valid_subset)
+    # the loss rises while the teacher's targets gain variance: the collapse alarms watch this objective's
+    # failure, not the loss
     health = HealthMonitor(min_target_var=m.min_target_var, min_pred_var=m.min_pred_var,
-                           variance_start_update=min(max(2 * cfg.lr_scheduler.warmup_updates, 500), 5000))
+                           variance_start_update=min(max(2 * cfg.lr_scheduler.warmup_updates, 500), 5000),
+                           loss_divergence=False)
     teacher = (f"teacher: EMA of the student encoder, decay {m.ema_decay:g} -> {m.ema_end_decay:g} over "
                f"{m.ema_anneal_end_step} updates; targets: mean of the top {m.average_top_k_layers} of "
                f"{m.encoder_layers - m.prenet_depth} layers")

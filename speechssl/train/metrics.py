@@ -87,7 +87,9 @@ class HealthMonitor:
     * codebook collapse: ``code_perplexity`` (of the argmax codes, fairseq's definition, so the training
       records show it) below 10% of the codebook (groups x entries) from ``collapse_start_update`` on;
     * accuracy stuck at chance (1 / (1 + negatives)) once ``start_update`` updates are done;
-    * loss diverging: smoothed loss 50% (and 0.5 nats) above its best smoothed value.
+    * loss diverging: smoothed loss 50% (and 0.5 nats) above its best smoothed value (off with
+      ``loss_divergence=False``: a self-distillation loss rises legitimately while the teacher's targets gain
+      variance);
     * CTC fine-tuning stuck emitting only blanks: ``emit_ratio`` (symbols emitted / target tokens)
       below 0.05 once ``blank_alarm_update`` updates are done;
     * teacher-student collapse (data2vec 2.0): ``target_var`` below ``min_target_var`` or ``pred_var`` below
@@ -99,11 +101,13 @@ class HealthMonitor:
     def __init__(self, codebook_size: Optional[int] = None, chance_accuracy: Optional[float] = None,
                  start_update: int = 1000, blank_alarm_update: Optional[int] = None,
                  collapse_start_update: int = 100, min_target_var: Optional[float] = None,
-                 min_pred_var: Optional[float] = None, variance_start_update: int = 5000):
+                 min_pred_var: Optional[float] = None, variance_start_update: int = 5000,
+                 loss_divergence: bool = True):
         self.codebook_size = codebook_size
         self.collapse_start_update = collapse_start_update
         self.min_target_var, self.min_pred_var = min_target_var, min_pred_var
         self.variance_start_update = variance_start_update
+        self.loss_divergence = loss_divergence
         self.chance = chance_accuracy
         self.start_update = start_update
         self.blank_alarm_update = blank_alarm_update
@@ -139,7 +143,7 @@ class HealthMonitor:
                         "lower optimization.lr, lengthen lr_scheduler.warmup_updates, raise model.ema_decay, or resume "
                         "from an earlier checkpoint")
         loss = record.get("loss")
-        if loss is not None and math.isfinite(loss):
+        if self.loss_divergence and loss is not None and math.isfinite(loss):
             self.ema = loss if self.ema is None else 0.7 * self.ema + 0.3 * loss
             self.best_ema = min(self.best_ema, self.ema)
             if self.ema > 1.5 * self.best_ema and self.ema > self.best_ema + 0.5:

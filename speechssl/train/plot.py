@@ -8,7 +8,8 @@ from typing import Any
 
 DESCRIPTION = """\
 Plot the training curves of a run from RUN_DIR/metrics.jsonl (written by 'speechssl pretrain'):
-loss terms (train and valid), contrastive accuracy, codebook perplexities, the frozen-upstream probe
+loss terms (train and valid), contrastive accuracy, codebook perplexities, data2vec 2.0's target and
+prediction variance and teacher decay, the frozen-upstream probe
 scores (probe.* settings), learning rate, gradient norm and throughput, one PNG per panel group plus overview.png with all of them. The PNGs go to
 RUN_DIR/plots/ (regenerated on every call, so it works while the run is training) or to --out.
 
@@ -27,6 +28,8 @@ PANELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "probe_error_rate": ("frozen-upstream ASR probe, valid error rate %", ("probe_cer", "probe_wer")),
     "probe_accuracy": ("frozen-upstream speaker-ID probe, valid accuracy %", ("probe_accuracy",)),
     "perplexity": ("codebook perplexity", ("code_perplexity", "prob_perplexity")),
+    "variance": ("data2vec 2.0: std of targets / predictions per channel", ("target_var", "pred_var")),
+    "ema_decay": ("data2vec 2.0: teacher EMA decay", ("ema_decay",)),
     "lr": ("learning rate", ("lr",)),
     "grad_norm": ("gradient norm", ("grad_norm",)),
     "throughput": ("audio seconds per second", ("audio_sec_per_sec",)),
