@@ -58,6 +58,30 @@ def test_out_of_range_settings_are_config_errors_naming_key_value_and_range(over
     assert message in captured.err and "Traceback" not in captured.err + captured.out
 
 
+DATA2VEC2_OUT_OF_RANGE = [
+    ("model.clone_batch=0", "model.clone_batch=0: must be >= 1"),
+    ("model.ema_end_decay=1.5", "model.ema_end_decay=1.5: must be in [0, 1]"),
+    ("model.decoder_input_dropout=1.0", "model.decoder_input_dropout=1.0: must be in [0, 1)"),
+    ("model.loss_scale=0", "model.loss_scale=0.0: must be > 0, or null"),
+    ("model.prenet_depth=6", "model.prenet_depth=6: must be < model.encoder_layers=6"),
+    ("model.average_top_k_layers=7", "model.average_top_k_layers=7: the targets average the top layers after "
+                                     "the prenet, at most"),
+    ("model.decoder_dim=100", "model.decoder_dim=100: must be divisible by model.decoder_groups=16"),
+    ("model.mask_prob_adjust=0.6", "model.mask_prob=0.5 + model.mask_prob_adjust=0.6: must be < 1"),
+    ("task.enable_padding=true", "task.enable_padding=true: data2vec 2.0 pretraining crops every batch"),
+    ("criterion.name=wav2vec", "criterion.name=wav2vec: data2vec 2.0 pretraining (model.name=data2vec2) uses "
+                               "criterion.name=data2vec2"),
+    ("model.layer_norm_first=true", "model.layer_norm_first=true: speechssl's data2vec 2.0 is post-LN"),
+]
+
+
+@pytest.mark.parametrize("override, message", DATA2VEC2_OUT_OF_RANGE)
+def test_data2vec2_settings_are_checked(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("data2vec2_tiny", ["task.data=/data", *override.split()])
+    assert message in str(err.value)
+
+
 def test_every_problem_is_listed_at_once():
     with pytest.raises(ConfigError) as err:
         load_config("wav2vec2_tiny", ["optimization.lr=-1", "dataset.num_workers=-3", "model.mask_prob=2"])
