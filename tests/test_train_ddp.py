@@ -13,6 +13,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from test_data2vec2 import d2v_recipe
 from train_fixtures import assert_states_equal, load_model_state, make_corpus, tiny_recipe
 
 
@@ -20,11 +23,14 @@ def records(run, split):
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
-def test_two_gloo_processes_equal_one_process_with_update_freq_2(tmp_path):
+@pytest.mark.parametrize("model", ["wav2vec2", "data2vec2"])
+def test_two_gloo_processes_equal_one_process_with_update_freq_2(tmp_path, model):
+    """data2vec 2.0: every rank takes the same EMA step after the same update, so the teachers agree too."""
     # 16 equal utterances, 2 per batch: 8 batches per epoch, 4 updates per epoch in both layouts
     man = make_corpus(tmp_path, {"train": [12000] * 16, "valid": [12000] * 3})
-    recipe = tiny_recipe(tmp_path / "tiny.yaml", optimization={"max_update": 6},
-                         checkpoint={"save_interval_updates": 3}, common={"log_interval": 1})
+    make = tiny_recipe if model == "wav2vec2" else lambda path, **kw: d2v_recipe(path, man, **kw)
+    recipe = make(tmp_path / "tiny.yaml", optimization={"max_update": 6},
+                  checkpoint={"save_interval_updates": 3}, common={"log_interval": 1})
     base = [sys.executable, "-m", "speechssl", "pretrain", str(recipe), f"task.data={man}"]
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(base + [f"checkpoint.save_dir={one}", "optimization.update_freq=2"], check=True,

@@ -6,8 +6,9 @@ one after the other on the same machine:
 
 1. pretrain it on ``--unlabeled`` for at most ``--minutes`` of wall-clock time (``speechssl pretrain``, its
    own process; the recipe's ``optimization.max_update`` sets its learning-rate schedule, so choose it to
-   end near the budget), writing a checkpoint every ``--save-every`` updates and keeping them all; a run
-   still going at the budget is stopped (Ctrl-C: the checkpoints written so far are intact);
+   end near the budget), writing a checkpoint every ``--save-every`` updates and keeping them all, without
+   validation (each mid-epoch checkpoint would validate, which is not training time); a run still going at
+   the budget is stopped (Ctrl-C: the checkpoints written so far are intact);
 2. for every minute mark of ``--marks`` (default: the budget), take the newest checkpoint written within
    that much wall-clock time of the pretraining's start (process start-up included);
 3. probe it: ``speechssl probe CKPT LABELED --task asr`` (SUPERB-style BiLSTM + CTC on the frozen hidden
@@ -68,11 +69,16 @@ def run_logged(cmd: list[str], log: Path, nice: int, budget: float | None = None
     runs longer. Returns ``(exit status, start time)``."""
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+    def child_setup() -> None:
+        os.nice(nice)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background shell ignores Ctrl-C; the child must not
+
     print(f"+ {' '.join(cmd)} (log: {log})", flush=True)
     with open(log, "a") as fh:
         start = time.time()
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                preexec_fn=lambda: os.nice(nice))
+                                preexec_fn=child_setup)
         try:
             proc.wait(timeout=budget)
         except subprocess.TimeoutExpired:
@@ -96,7 +102,7 @@ def pretrain(name: str, recipe: str, overrides: list[str], args, work: Path) -> 
         run.mkdir(parents=True)
         cmd = speechssl("pretrain", recipe, f"task.data={args.unlabeled}", f"checkpoint.save_dir={run}",
                         f"checkpoint.save_interval_updates={args.save_every}", "checkpoint.keep_interval_updates=-1",
-                        "common.log_format=simple", *overrides)
+                        "dataset.disable_validation=true", "common.log_format=simple", *overrides)
         status, start = run_logged(cmd, work / f"{name}_pretrain.log", args.nice, budget=args.minutes * 60)
         if not list(run.glob("checkpoint_*_*.pt")):
             raise SystemExit(f"{name}: pretraining wrote no checkpoint (exit status {status}); see "

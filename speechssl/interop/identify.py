@@ -78,7 +78,7 @@ def _from_names(globals_: set[str], strings: set[str], path: Path) -> Identity:
         return Identity("fairseq", f"a fairseq checkpoint ({'CTC fine-tuned' if ctc else 'pretraining'})", path, ctc)
     if {"model", "config"} <= strings and ("num_updates" in strings or "version" in strings):
         return Identity("speechssl", "a speechssl checkpoint")
-    if _any(strings, "wav2vec2.", "hubert.", "lm_head.") or \
+    if _any(strings, "wav2vec2.", "hubert.", "data2vec_audio.", "lm_head.") or \
             (_any(strings, "encoder.layers.0.attention.") and _any(strings, "feature_projection.projection.")):
         return Identity("hf", "a transformers weights file (pytorch_model.bin)", path.parent)
     if _any(strings, "encoder.transformer.layers.", "encoder.feature_projection."):
