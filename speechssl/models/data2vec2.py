@@ -415,7 +415,7 @@ class Data2Vec2Model(nn.Module):
             raise ValueError(f"source must be (batch, samples), got shape {tuple(source.shape)}")
         if padding_mask is not None and padding_mask.shape != source.shape:
             raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} != source shape {tuple(source.shape)}")
-        conv = self.extract_conv_features(source)
+        conv = self.extract_conv_features(source, padding_mask)
         frame_pad = self.frame_padding_mask(padding_mask, conv.shape[1])
         features, _ = self.feature_projection(conv)
         if features_only:
