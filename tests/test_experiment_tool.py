@@ -85,3 +85,20 @@ def test_plan_limits_objectives_and_probes_to_the_seeds_asked(tmp_path):
     assert all(s.resumable == (" pretrain " in s.name or " ctc " in s.name) for s in steps)
     with pytest.raises(SystemExit, match="--objective-seeds 'w2v=1'"):
         exp.plan(exp.parse_args(["--work", str(tmp_path), "--objective-seeds", "w2v=1"]), man)
+
+
+def test_data2vec2_is_an_objective_on_request(tmp_path):
+    args = exp.parse_args(["--work", str(tmp_path), "--seeds", "1", "--objectives", "data2vec2",
+                           "--override", "data2vec2:optimization.max_update=5"])
+    man = {"unlabeled": tmp_path / "u", "labeled": tmp_path / "l", "sid": tmp_path / "s"}
+    steps, upstreams = exp.plan(args, man)
+    pretrain = next(s for s in steps if s.name == "s1 pretrain data2vec2")
+    assert "recipes/data2vec2_tiny.yaml" in pretrain.cmd and "optimization.max_update=5" in pretrain.cmd
+    assert pretrain.alone and upstreams == {"1": {"data2vec2": tmp_path / "seed1/data2vec2/checkpoint_last.pt"}}
+    scratch = next(s for s in steps if s.name == "s1 ctc scratch")  # the data2vec 2.0 architecture, untrained
+    assert f"model.w2v_path={upstreams['1']['data2vec2']}" in scratch.cmd and scratch.after == ["s1 pretrain data2vec2"]
+    assert {s.name for s in steps} >= {"s1 probe asr data2vec2", "s1 probe asr random", "s1 ctc data2vec2"}
+    assert exp.parse_args([]).objectives == "wav2vec2,hubert"  # the demo's default stays the two published ones
+    text = exp.table({"data2vec2": {"ctc_test_cer": [40.0], "ctc_test_cer_by_seed": {"1": 40.0}},
+                      "scratch": {"ctc_test_cer": [50.0], "ctc_test_cer_by_seed": {"1": 50.0}}}, seeds=1)
+    assert "| data2vec 2.0 (log-mel tiny) | - | 40.0 | 0.80x |" in text

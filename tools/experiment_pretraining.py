@@ -6,7 +6,8 @@ For every seed, with the same budget for every row:
 1. pretrain each objective on the unlabeled pool (``--objectives``): wav2vec 2.0 (``recipes/wav2vec2_mel_tiny.yaml``)
    and HuBERT, both iterations (iteration-1 labels: k-means of per-utterance standardized MFCCs, shared by
    the seeds; ``recipes/hubert_mel_tiny.yaml``; iteration-2 labels: k-means of a layer of the seed's
-   iteration-1 model; ``recipes/hubert_mel_tiny_iter2.yaml``);
+   iteration-1 model; ``recipes/hubert_mel_tiny_iter2.yaml``), and, when asked for, data2vec 2.0
+   (``recipes/data2vec2_tiny.yaml``; ``--objectives wav2vec2,hubert,data2vec2``);
 2. fine-tune every upstream with CTC on the 10 labeled minutes (``recipes/ctc_mel_tiny.yaml``) and train the same
    architecture from scratch with the same recipe and updates; the best checkpoint on valid (dev speakers) is
    scored on test (held-out speakers never seen in pretraining or fine-tuning);
@@ -37,7 +38,9 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = Path(os.environ.get("SPEECHSSL_DEMO_DIR", Path.home() / ".cache/speechssl/demo"))
-OBJECTIVES = ("wav2vec2", "hubert")
+OBJECTIVES = ("wav2vec2", "hubert", "data2vec2")
+DEFAULT_OBJECTIVES = ("wav2vec2", "hubert")
+RECIPES = {"wav2vec2": "recipes/wav2vec2_mel_tiny.yaml", "data2vec2": "recipes/data2vec2_tiny.yaml"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="manifest folders: unlabeled/, labeled_10min/, speaker_id/ (built from --corpus if missing)")
     p.add_argument("--work", type=Path, default=DEMO / "runs/experiment", help="every run, probe and the results")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (pretraining, fine-tuning and probes)")
-    p.add_argument("--objectives", default=",".join(OBJECTIVES), help=f"comma-separated subset of {OBJECTIVES}")
+    p.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES),
+                   help=f"comma-separated subset of {OBJECTIVES}")
     p.add_argument("--jobs", type=int, default=1,
                    help="steps run at once (each with 2/JOBS threads); pretraining always runs alone")
     p.add_argument("--ctc-updates", type=int, default=0, help="CTC fine-tuning updates (0: the recipe's)")
@@ -184,13 +188,15 @@ def plan(args, man: dict[str, Path]) -> tuple[list[Step], dict[str, dict[str, Pa
         ups = upstreams.setdefault(str(seed), {})
         common = [f"common.seed={seed}", "common.log_format=simple"]
         wanted = [o for o in objectives if seed in only.get(o, {seed})]
-        if "wav2vec2" in wanted:
-            run = d / "wav2vec2"
-            steps.append(Step(f"s{seed} pretrain wav2vec2", speechssl(
-                "pretrain", "recipes/wav2vec2_mel_tiny.yaml", f"task.data={man['unlabeled']}",
-                f"checkpoint.save_dir={run}", *common, *over.get("wav2vec2", [])),
-                run / "checkpoint_last.pt", d / "logs/pretrain_wav2vec2.log", alone=True, resumable=True))
-            ups["wav2vec2"] = run / "checkpoint_last.pt"
+        for name in ("wav2vec2", "data2vec2"):  # one pretraining each, no labels
+            if name not in wanted:
+                continue
+            run = d / name
+            steps.append(Step(f"s{seed} pretrain {name}", speechssl(
+                "pretrain", RECIPES[name], f"task.data={man['unlabeled']}",
+                f"checkpoint.save_dir={run}", *common, *over.get(name, [])),
+                run / "checkpoint_last.pt", d / f"logs/pretrain_{name}.log", alone=True, resumable=True))
+            ups[name] = run / "checkpoint_last.pt"
         if "hubert" in wanted:
             it1, it2 = d / "hubert_it1", d / "hubert_it2"
             steps.append(Step(f"s{seed} pretrain hubert it1", speechssl(
@@ -289,6 +295,7 @@ def collect(args, upstreams: dict[str, dict[str, Path]]) -> dict:
 
 
 LABELS = {"wav2vec2": "wav2vec 2.0 (log-mel tiny)", "hubert": "HuBERT iteration 2 (log-mel tiny)",
+          "data2vec2": "data2vec 2.0 (log-mel tiny)",
           "scratch": "from scratch (same architecture)", "fbank": "FBANK (80-d log-mel)",
           "random": "same architecture, random init"}
 
