@@ -28,23 +28,23 @@ resumes from checkpoint_last.pt exactly where it stopped (also after a crash or 
 starts over (with --force it deletes the previous run's files in save_dir).
 
 Examples:
-  # the tiny CPU recipe on the demo corpus (about 10 minutes on 2 cores), then plot its curves
-  speechssl manifest /tmp/demo_corpus/train --out manifests/demo --add-split valid=/tmp/demo_corpus/dev
-  speechssl pretrain recipes/wav2vec2_tiny.yaml task.data=manifests/demo checkpoint.save_dir=runs/tiny
-  speechssl plot runs/tiny
+  # the tiny log-mel CPU recipe on the demo pool (about 10 minutes on 2 cores), then plot its curves
+  speechssl manifest CORPUS/pool --out manifests/demo/unlabeled --add-split valid=CORPUS/dev
+  speechssl pretrain recipes/wav2vec2_mel_tiny.yaml task.data=manifests/demo/unlabeled checkpoint.save_dir=runs/w2v
+  speechssl plot runs/w2v
 
   # wav2vec 2.0 BASE on 8 GPUs of one node; update_freq 8 keeps the published 64-GPU batch
   torchrun --nproc-per-node 8 -m speechssl pretrain recipes/wav2vec2_base.yaml \\
       task.data=manifests/librispeech checkpoint.save_dir=runs/base optimization.update_freq=8
 
   # two local processes without torchrun (gloo on CPU, NCCL on GPUs)
-  speechssl pretrain recipes/wav2vec2_tiny.yaml task.data=manifests/demo distributed_training.nproc=2
+  speechssl pretrain recipes/wav2vec2_mel_tiny.yaml task.data=manifests/demo/unlabeled distributed_training.nproc=2
 
   # HuBERT, both iterations on the demo corpus (labels: tools/hubert_labels.sh; all of it: tools/hubert_demo.sh)
-  speechssl pretrain recipes/hubert_tiny.yaml task.data=manifests/demo/unlabeled \\
-      task.label_dir=work/it1/labels task.label_rate=100 checkpoint.save_dir=runs/hubert_it1
-  speechssl pretrain recipes/hubert_tiny.yaml task.data=manifests/demo/unlabeled \\
-      task.label_dir=work/it2/labels task.label_rate=50 checkpoint.save_dir=runs/hubert_it2
+  speechssl pretrain recipes/hubert_mel_tiny.yaml task.data=manifests/demo/unlabeled \\
+      task.label_dir=work/it1/labels checkpoint.save_dir=runs/hubert_it1
+  speechssl pretrain recipes/hubert_mel_tiny_iter2.yaml task.data=manifests/demo/unlabeled \\
+      task.label_dir=work/it2/labels checkpoint.save_dir=runs/hubert_it2
 
   # data2vec 2.0: the small CPU recipe on the demo corpus (log-mel front-end, ~10 minutes on 2 cores)
   speechssl pretrain recipes/data2vec2_tiny.yaml task.data=manifests/demo/unlabeled checkpoint.save_dir=runs/d2v

@@ -44,7 +44,7 @@ def run(cmd: list[str], log: Path) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=Path, default=DEMO / "corpus", help="demo corpus (tools/demo.sh builds it)")
-    p.add_argument("--upstream", type=Path, default=DEMO / "runs/wav2vec2_tiny/checkpoint_best.pt",
+    p.add_argument("--upstream", type=Path, default=DEMO / "runs/demo/seed1/wav2vec2/checkpoint_last.pt",
                    help="pretrained checkpoint (wav2vec 2.0 or HuBERT)")
     p.add_argument("--manifest", type=Path, default=REPO / "manifests/demo/speaker_id_experiment",
                    help="where the train / valid / test split is written")

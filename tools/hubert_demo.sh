@@ -3,16 +3,17 @@
 #
 #   bash tools/hubert_demo.sh [MANIFEST_DIR [WORK_DIR]]
 #
-#   1. iteration-1 targets: 39-d MFCC -> k-means (K1=100) -> <split>.km at 100 labels/s  (tools/hubert_labels.sh)
-#   2. pretrain recipes/hubert_tiny.yaml on them                      -> WORK_DIR/runs/it1
+#   1. iteration-1 targets: 39-d MFCC with per-utterance CMVN -> k-means (K1=100) -> <split>.km at 100 labels/s
+#      (tools/hubert_labels.sh)
+#   2. pretrain recipes/hubert_mel_tiny.yaml on them                  -> WORK_DIR/runs/it1
 #   3. iteration-2 targets: layer LAYER of the it1 checkpoint -> k-means (K2) -> labels at 50/s
-#   4. pretrain recipes/hubert_tiny.yaml on them                      -> WORK_DIR/runs/it2
+#   4. pretrain recipes/hubert_mel_tiny_iter2.yaml on them            -> WORK_DIR/runs/it2
 #   5. plots of both runs and a summary (masked accuracy at the first and last log line, chance 1/K)
 #
 # Defaults: MANIFEST_DIR manifests/demo/unlabeled (made by tools/demo.sh), WORK_DIR
 # ~/.cache/speechssl/demo/hubert. Label files go to WORK_DIR/it*/labels (task.label_dir), never into
-# MANIFEST_DIR. Environment: K1 (100), K2 (100: the demo corpus is ~36 min; BASE uses 500), LAYER (3 of the
-# tiny model's 4), UPDATES (max updates per iteration, recipe default), SPEECHSSL (the command), FORCE=1
+# MANIFEST_DIR. Environment: K1 (100), K2 (100: the demo pool is 5.6 h; BASE uses 500), LAYER (4 of the
+# tiny model's 6), RECIPE1 / RECIPE2 (the recipes of the two iterations), UPDATES (max updates per iteration, recipe default), SPEECHSSL (the command), FORCE=1
 # (redo everything). Re-running resumes every step (finished labels and runs are kept).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,7 +26,9 @@ export SPEECHSSL
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 K1=${K1:-100}
 K2=${K2:-100}
-LAYER=${LAYER:-3}
+LAYER=${LAYER:-4}
+RECIPE1=${RECIPE1:-$ROOT/recipes/hubert_mel_tiny.yaml}
+RECIPE2=${RECIPE2:-$ROOT/recipes/hubert_mel_tiny_iter2.yaml}
 [[ -f "$MANIFEST/train.tsv" ]] || { echo "hubert_demo: $MANIFEST/train.tsv not found (run tools/demo.sh first)" >&2; exit 2; }
 EXTRA=(common.log_format=simple)
 [[ -n "${UPDATES:-}" ]] && EXTRA+=("optimization.max_update=$UPDATES")
@@ -35,11 +38,11 @@ step() { printf '\n== %s\n' "$*"; }
 SECONDS=0
 
 step "1/5 iteration-1 labels (MFCC, K=$K1)"
-K=$K1 bash "$ROOT/tools/hubert_labels.sh" "$MANIFEST" "$WORK"
+CMVN=${CMVN:-1} K=$K1 bash "$ROOT/tools/hubert_labels.sh" "$MANIFEST" "$WORK"
 t_labels1=$SECONDS
 
 step "2/5 pretrain iteration 1 -> $WORK/runs/it1"
-$SPEECHSSL pretrain "$ROOT/recipes/hubert_tiny.yaml" task.data="$MANIFEST" task.label_dir="$WORK/it1/labels" \
+$SPEECHSSL pretrain "$RECIPE1" task.data="$MANIFEST" task.label_dir="$WORK/it1/labels" \
   task.label_rate=100 checkpoint.save_dir="$WORK/runs/it1" "${EXTRA[@]}" "${RESTART[@]}"
 t_train1=$SECONDS
 
@@ -48,7 +51,7 @@ K=$K2 LAYER=$LAYER bash "$ROOT/tools/hubert_labels.sh" "$MANIFEST" "$WORK" "$WOR
 t_labels2=$SECONDS
 
 step "4/5 pretrain iteration 2 -> $WORK/runs/it2"
-$SPEECHSSL pretrain "$ROOT/recipes/hubert_tiny.yaml" task.data="$MANIFEST" task.label_dir="$WORK/it2/labels" \
+$SPEECHSSL pretrain "$RECIPE2" task.data="$MANIFEST" task.label_dir="$WORK/it2/labels" \
   task.label_rate=50 checkpoint.save_dir="$WORK/runs/it2" "${EXTRA[@]}" "${RESTART[@]}"
 t_train2=$SECONDS
 
