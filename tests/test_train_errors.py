@@ -215,7 +215,26 @@ def test_run_ends_with_a_summary(corpus, tmp_path, capsys):
                       f"{tmp_path / 'checkpoint_best.pt'}")
     assert end[2] == f"last: {tmp_path / 'checkpoint_last.pt'}"
     assert end[3] == "next:" and end[4] == f"  speechssl plot {tmp_path}"
-    assert f"model.w2v_path={tmp_path / 'checkpoint_best.pt'}" in end[5]
+    assert end[5] == f"  speechssl probe {tmp_path / 'checkpoint_best.pt'} LABELED_MANIFEST_DIR --task asr"
+    assert "recipes/ctc_tiny.yaml" in end[6] and f"model.w2v_path={tmp_path / 'checkpoint_best.pt'}" in end[6]
+    assert end[7].startswith("  speechssl export ")
+
+
+def test_summary_of_a_log_mel_data2vec_run_points_at_the_last_checkpoint_and_the_mel_ctc_recipe(tmp_path):
+    from types import SimpleNamespace
+
+    from speechssl.config import load_config
+    from speechssl.train.loop import end_summary
+
+    cfg = load_config("recipes/data2vec2_tiny.yaml", [f"checkpoint.save_dir={tmp_path}"])
+    (tmp_path / "checkpoint_best.pt").write_bytes(b"")
+    loop = SimpleNamespace(cfg=cfg, trainer=SimpleNamespace(num_updates=10), save_dir=tmp_path, epoch=1, offset=1,
+                           start_update=0, best=1.0, best_update=10)
+    end = end_summary(loop, 5.0)
+    assert f"  speechssl probe {tmp_path / 'checkpoint_last.pt'} LABELED_MANIFEST_DIR --task asr" in end
+    ctc = next(line for line in end if "finetune" in line)
+    assert "recipes/ctc_mel_tiny.yaml" in ctc and f"model.w2v_path={tmp_path / 'checkpoint_last.pt'}" in ctc
+    assert not any("export" in line for line in end)  # log-mel models do not export
 
 
 def test_ctrl_c_says_which_update_the_next_run_resumes_from(corpus, tmp_path):

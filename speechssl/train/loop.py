@@ -422,14 +422,20 @@ def end_summary(loop: _Loop, seconds: float) -> list[str]:
     lines.append(f"last: {save_dir / ckpt.LAST}")
     lines.append("next:")
     lines.append(f"  speechssl plot {save_dir}")
+    mel = getattr(cfg.model, "extractor_mode", "") == "fbank"
     if cfg.task.name in ("audio_pretraining", "hubert_pretraining"):
-        lines.append(f"  speechssl finetune recipes/ctc_tiny.yaml task.data=LABELED_MANIFEST_DIR "
+        if cfg.criterion.name == "data2vec2":  # its valid loss is no quality signal: the last checkpoint
+            best = save_dir / ckpt.LAST
+        recipe = "ctc_mel_tiny.yaml" if mel else "ctc_tiny.yaml"
+        lines.append(f"  speechssl probe {best} LABELED_MANIFEST_DIR --task asr")
+        lines.append(f"  speechssl finetune recipes/{recipe} task.data=LABELED_MANIFEST_DIR "
                      f"model.w2v_path={best} checkpoint.save_dir={save_dir}_ctc")
     else:
         data = Path(cfg.task.data)
         split = "test" if (data / "test.tsv").exists() else cfg.dataset.valid_subset
         lines.append(f"  speechssl evaluate {best} {data} --split {split}")
-    lines.append(f"  speechssl export {best} --to hf --out {save_dir}_hf")
+    if not mel:  # log-mel models do not export (the other toolkits' models read waveforms)
+        lines.append(f"  speechssl export {best} --to hf --out {save_dir}_hf")
     return lines
 
 
