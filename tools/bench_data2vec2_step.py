@@ -23,8 +23,6 @@ import argparse
 import dataclasses
 import os
 import statistics
-import time
-from contextlib import nullcontext
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -34,12 +32,10 @@ from speechssl.config import CriterionConfig, ModelConfig, load_config  # noqa: 
 from speechssl.models import build_model, data2vec2_base_config, wav2vec2_base_config  # noqa: E402
 from speechssl.objectives import build_objective  # noqa: E402
 
+import bench_pretrain_step  # noqa: E402  (tools/ is on sys.path when run as a script)
+from bench_pretrain_step import load  # noqa: E402
+
 IMPLS = ("data2vec2", "wav2vec2")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def model_config(recipe: str | None, default: ModelConfig) -> tuple[ModelConfig, CriterionConfig]:
@@ -52,42 +48,16 @@ def model_config(recipe: str | None, default: ModelConfig) -> tuple[ModelConfig,
     return dataclasses.replace(cfg, encoder_layerdrop=0.0), crit
 
 
-class Step:
-    """One model's training step, timed by phase."""
+class Step(bench_pretrain_step.Step):
+    """One speechssl model's training step, timed by phase (the teacher's EMA step counts as optimizer time)."""
 
     def __init__(self, cfg: ModelConfig, criterion: CriterionConfig, device: torch.device):
-        self.device = device
-        self.model = build_model(cfg).to(device).train()
+        super().__init__(build_model(cfg), device)
         self.objective = build_objective(criterion, cfg)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01,
-                                           fused=True)
-        self.updates = 0
 
-    def __call__(self, source: torch.Tensor, bf16: bool) -> dict[str, float]:
-        sync = lambda: synchronize(self.device)  # noqa: E731
-        sync()
-        t0 = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-            out = self.objective(self.model, {"source": source})
-            loss = out.loss / out.sample_size
-        sync()
-        t1 = time.perf_counter()
-        loss.backward()
-        sync()
-        t2 = time.perf_counter()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.updates += 1
-        if hasattr(self.model, "update_teacher"):
-            self.model.update_teacher(self.updates)
-        sync()
-        t3 = time.perf_counter()
-        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
-
-
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    def loss(self, source: torch.Tensor) -> torch.Tensor:
+        out = self.objective(self.model, {"source": source})
+        return out.loss / out.sample_size
 
 
 def main() -> None:

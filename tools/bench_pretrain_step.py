@@ -70,8 +70,10 @@ class Step(abc.ABC):
     def __init__(self, model: torch.nn.Module, device: torch.device = torch.device("cpu")):
         self.device = torch.device(device)
         self.model = model.to(self.device).train()
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6,
+        params = [p for p in model.parameters() if p.requires_grad]  # not data2vec 2.0's EMA teacher
+        self.optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6,
                                            weight_decay=0.01, fused=True)
+        self.updates = 0
 
     @abc.abstractmethod
     def loss(self, source: torch.Tensor) -> torch.Tensor:
@@ -90,6 +92,9 @@ class Step(abc.ABC):
         t2 = time.perf_counter()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+        if hasattr(self.model, "update_teacher"):  # data2vec 2.0: the teacher's EMA step is part of an update
+            self.model.update_teacher(self.updates)
         sync()
         t3 = time.perf_counter()
         return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
