@@ -11,10 +11,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 from speechssl.cli import main
-from speechssl.config import CriterionConfig, _to_plain, load_config
+from speechssl.config import CriterionConfig, load_config
 from speechssl.models import Data2Vec2Model, build_model, data2vec2_base_config, data2vec2_large_config
 from speechssl.models import data2vec2_tiny_config
 from speechssl.models.data2vec2 import alibi_slopes
@@ -26,7 +25,7 @@ from speechssl.train.distributed import DistEnv
 from speechssl.train.metrics import HealthMonitor
 from speechssl.train.trainer import Trainer
 from speechssl.utils.device import count_host_reads
-from train_fixtures import make_corpus, toy_config
+from train_fixtures import make_corpus, tiny_recipe, toy_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -338,21 +337,11 @@ def test_health_alarm_on_collapsing_variance(tmp_path):
 
 
 def d2v_recipe(path, data, **sections):
-    rec = {
-        "base": "data2vec2_base.yaml",
-        "model": _to_plain(dataclasses.asdict(data2vec2_tiny_config())),
-        "common": {"fp16": False, "log_interval": 2, "log_format": "simple", "seed": 3},
-        "task": {"data": str(data), "max_sample_size": 12000, "min_sample_size": 4000, "normalize": False},
-        "dataset": {"max_tokens": 24000, "num_workers": 0, "validate_interval": 1, "disable_validation": False},
-        "distributed_training": {"distributed_world_size": 1},
-        "optimization": {"max_update": 6, "lr": 2e-3},
-        "lr_scheduler": {"warmup_updates": 2},
-        "checkpoint": {"save_interval_updates": 3, "keep_interval_updates": 2},
-    }
+    """train_fixtures.tiny_recipe on data2vec 2.0's published recipe with its tiny test model."""
+    extra = {"task": {"data": str(data), "normalize": False}, "dataset": {"disable_validation": False}}
     for sec, body in sections.items():
-        rec.setdefault(sec, {}).update(body)
-    path.write_text(yaml.safe_dump(rec))
-    return path
+        extra.setdefault(sec, {}).update(body)
+    return tiny_recipe(path, base="data2vec2_base.yaml", model_config=data2vec2_tiny_config(), **extra)
 
 
 def test_pretrain_cli_trains_logs_and_checkpoints_the_teacher(tmp_path, capsys):

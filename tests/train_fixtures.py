@@ -40,14 +40,14 @@ def make_corpus(root: Path, lengths: dict[str, Sequence[int]], sample_rate: int 
     return man
 
 
-def tiny_recipe(path: Path, **sections: dict[str, Any]) -> Path:
-    """A recipe extending wav2vec2_base.yaml with the tiny test model and fast CPU settings."""
+def tiny_recipe(path: Path, base: str = "wav2vec2_base.yaml", model_config=None, **sections: dict[str, Any]) -> Path:
+    """A recipe extending ``base`` with a tiny test model (default: wav2vec 2.0's) and fast CPU settings."""
     from speechssl.config import _to_plain
     from speechssl.models import wav2vec2_tiny_config
 
     rec: dict[str, Any] = {
-        "base": "wav2vec2_base.yaml",
-        "model": _to_plain(dataclasses.asdict(wav2vec2_tiny_config())),
+        "base": base,
+        "model": _to_plain(dataclasses.asdict(model_config or wav2vec2_tiny_config())),
         "common": {"fp16": False, "log_interval": 2, "log_format": "simple", "seed": 3},
         "task": {"max_sample_size": 12000, "min_sample_size": 4000},
         "dataset": {"max_tokens": 24000, "num_workers": 0, "validate_interval": 1},
