@@ -1,8 +1,6 @@
-"""``python -m speechssl`` (and ``torchrun -m speechssl``) is the ``speechssl`` command."""
+"""``python -m speechssl`` (and ``torchrun -m speechssl ...``) is the ``speechssl`` command."""
 
-import sys
-
-from speechssl.cli import main
+from speechssl.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

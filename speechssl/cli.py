@@ -104,5 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``speechssl`` program (console script and ``python -m speechssl``): :func:`main`, then exit.
+
+    A process that was one rank of a multi-process run (torchrun) leaves through
+    :func:`speechssl.train.distributed.exit_worker`, as spawned ranks do, without interpreter finalization.
+    """
+    code = main()
+    from speechssl.train import distributed
+
+    if distributed.joined_group():
+        distributed.exit_worker(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

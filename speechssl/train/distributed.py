@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -96,6 +96,8 @@ def init_distributed(common: CommonConfig, dcfg: DistributedTrainingConfig, rank
             store = dist.PrefixStore(f"speechssl/{namespace}/", agent_store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 device_id=device if device.type == "cuda" else None)
+        global _JOINED
+        _JOINED = True
     if device.type == "cpu" and world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
@@ -152,9 +154,41 @@ def is_peer_failure(exc: BaseException) -> bool:
         s in text for s in ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "NCCL error"))
 
 
+_JOINED = False  # whether this process joined a process group (init_distributed)
+
+
+def joined_group() -> bool:
+    """Whether this process was one rank of a multi-process run (then leave through :func:`exit_worker`)."""
+    return _JOINED
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_worker(code: int) -> NoReturn:
+    """End a finished worker process without interpreter finalization (``os._exit``), after flushing.
+
+    A gloo group that DDP wrapped outlives ``destroy_process_group`` (measured with torch 2.11: its worker
+    threads are still running after it, while they are gone without DDP). A worker thread that drops the last
+    reference to a tensor created in Python takes the GIL to free it; during interpreter finalization that
+    ends the thread with a forced unwind through C++ and the process aborts with "terminate called without an
+    active exception" (pytorch/pytorch#65237). The window is the moment after the run's last collective, so
+    the rank with the least left to do (not rank 0, which writes the checkpoint) hits it now and then on a
+    loaded machine. Every file of the run is closed by then; cyclic garbage (data loaders and their worker
+    processes) is collected first, standard streams flushed, then the process leaves with ``code``.
+    """
+    import gc
+    import sys
+
+    gc.collect()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _free_port() -> int:
@@ -167,6 +201,7 @@ def _spawned(local_rank: int, fn: Callable[..., Any], nproc: int, args: tuple) -
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc))
     fn(*args)
+    exit_worker(0)  # finished: leave without interpreter finalization (see exit_worker)
 
 
 def spawn(fn: Callable[..., Any], nproc: int, args: tuple = ()) -> None:
