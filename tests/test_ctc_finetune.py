@@ -176,7 +176,7 @@ def test_ctc_objective_fp32_and_zero_infinity():
                          "target_lengths": batch["target_lengths"][:1], "target_text": ["AB"]})
     model.eval()
     ev = crit(model, batch)
-    assert {"w_errors", "w_total", "c_errors", "c_total", "emit_ratio"} <= set(ev.logs)
+    assert {"w_errors", "w_total", "c_errors", "c_total", "emit_ratio", "frame_std_ratio"} <= set(ev.logs)
     assert ev.logs["w_total"] == 2
     assert float(out.sample_size) == 43
     assert torch.isfinite(alone.loss)
@@ -192,6 +192,32 @@ def test_blank_alarm_names_causes():
     for cause in ("optimization.lr", "freeze_finetune_updates", "vocabulary"):
         assert cause in alarms[0]
     assert h.check({"update": 200, "emit_ratio": 0.8, "loss": 3.0}) == []
+
+
+def test_frame_std_ratio_tells_a_collapsed_encoder_from_one_that_reads_its_input():
+    from speechssl.objectives.ctc import frame_std_ratio
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([50, 30])
+    reading = torch.randn(2, 50, 8) * 3  # the output follows the input: it changes from frame to frame
+    assert 0.8 < float(frame_std_ratio(reading, lengths)) < 1.2
+    collapsed = torch.randn(1, 1, 8).expand(2, 50, 8) * 5 + 0.01 * torch.randn(2, 50, 8)  # one vector everywhere
+    assert float(frame_std_ratio(collapsed, lengths)) < 0.01
+    # padding frames do not count: garbage after the valid frames leaves the collapsed ratio unchanged
+    padded = collapsed.clone()
+    padded[1, 30:] = 100 * torch.randn(20, 8)
+    assert float(frame_std_ratio(padded, lengths)) == pytest.approx(float(frame_std_ratio(collapsed, lengths)), rel=1e-5)
+
+
+def test_blank_alarm_says_when_the_encoder_collapsed():
+    from speechssl.train.metrics import HealthMonitor
+
+    h = HealthMonitor(blank_alarm_update=100)
+    collapsed = h.check({"update": 150, "emit_ratio": 0.0, "frame_std_ratio": 0.01, "loss": 3.0})
+    assert len(collapsed) == 1 and "collapsed" in collapsed[0] and "optimization.lr" in collapsed[0]
+    waiting = h.check({"update": 150, "emit_ratio": 0.0, "frame_std_ratio": 0.6, "loss": 3.0})
+    assert len(waiting) == 1 and "collapsed" not in waiting[0] and "plateau for hundreds" in waiting[0]
+    assert h.check({"update": 50, "emit_ratio": 0.0, "frame_std_ratio": 0.01, "loss": 3.0}) == []
 
 
 def test_hubert_upstream_fine_tunes(tmp_path, corpus):

@@ -67,8 +67,8 @@ def test_table_reports_mean_std_and_the_ratio_to_scratch():
     # a row measured on one seed of two says so, and its ratio pairs it with that seed's scratch run
     line = next(x for x in text.splitlines() if x.startswith("| HuBERT"))
     assert "| 25.0 (n=1) | 0.45x |" in line
-    assert "| FBANK (80-d log-mel) | - | - | - | 56.0 ± 1.4 | 71.0 ± 1.4 |" in text
-    assert "random init | - | - | - | - | - |" in text
+    assert "| FBANK (80-d log-mel) | - | - | - | - | 56.0 ± 1.4 | 71.0 ± 1.4 |" in text
+    assert "random init | - | - | - | - | - | - |" in text
 
 
 def test_plan_limits_objectives_and_probes_to_the_seeds_asked(tmp_path):
@@ -101,4 +101,44 @@ def test_data2vec2_is_an_objective_on_request(tmp_path):
     assert exp.parse_args([]).objectives == "wav2vec2,hubert"  # the demo's default stays the two published ones
     text = exp.table({"data2vec2": {"ctc_test_cer": [40.0], "ctc_test_cer_by_seed": {"1": 40.0}},
                       "scratch": {"ctc_test_cer": [50.0], "ctc_test_cer_by_seed": {"1": 50.0}}}, seeds=1)
-    assert "| data2vec 2.0 (log-mel tiny) | - | 40.0 | 0.80x |" in text
+    assert "| data2vec 2.0 (log-mel tiny) | - | - | 40.0 | 0.80x |" in text
+
+
+def _report(path: Path, wer: float, cer: float) -> None:
+    path.mkdir(parents=True)
+    (path / "report.json").write_text(json.dumps({"wer": wer, "cer": cer}))
+
+
+def test_ctc_learning_rates_are_chosen_per_row_on_valid_and_scored_on_test(tmp_path):
+    args = exp.parse_args(["--work", str(tmp_path), "--seeds", "1,2", "--objectives", "wav2vec2",
+                           "--ctc-lrs", "5e-4,2e-4", "--no-probes"])
+    man = {"unlabeled": tmp_path / "u", "labeled": tmp_path / "l", "sid": tmp_path / "s"}
+    steps, upstreams = exp.plan(args, man)
+    assert exp.recipe_ctc_lr() == 5e-4  # the recipe's rate keeps the plain folder names
+    ctc = {s.name: s for s in steps if " ctc " in s.name}
+    assert set(ctc) == {f"s{k} ctc {n}{x}" for k in (1, 2) for n in ("wav2vec2", "scratch") for x in ("", "_lr2e-04")}
+    assert "optimization.lr=[0.0002]" in ctc["s1 ctc scratch_lr2e-04"].cmd
+    assert not any(c.startswith("optimization.lr") for c in ctc["s1 ctc scratch"].cmd)
+    assert str(tmp_path / "seed1/ctc_wav2vec2_lr2e-04") in " ".join(map(str, ctc["s1 ctc wav2vec2_lr2e-04"].cmd))
+    ev = next(s for s in steps if s.name == "s2 eval wav2vec2_lr2e-04 test")
+    assert ev.after == ["s2 ctc wav2vec2_lr2e-04"] and ev.done == tmp_path / "seed2/eval_wav2vec2_lr2e-04_test/report.json"
+    # wav2vec 2.0: 2e-4 is better on valid (mean 60 < 100) and is reported, although 5e-4 scores better on test;
+    # scratch: 5e-4 is better on valid; each seed's ratio pairs the chosen runs
+    for seed in (1, 2):
+        d = tmp_path / f"seed{seed}"
+        _report(d / "eval_wav2vec2_valid", 100.0, 100.0)
+        _report(d / "eval_wav2vec2_test", 100.0, 10.0)
+        _report(d / "eval_wav2vec2_lr2e-04_valid", 99.0, 60.0)
+        _report(d / "eval_wav2vec2_lr2e-04_test", 98.0, 50.0 + seed)
+        _report(d / "eval_scratch_valid", 99.0, 65.0)
+        _report(d / "eval_scratch_test", 99.0, 60.0)
+        _report(d / "eval_scratch_lr2e-04_valid", 99.0, 70.0)
+        _report(d / "eval_scratch_lr2e-04_test", 99.0, 1.0)
+    rows = exp.collect(args, upstreams)
+    assert rows["wav2vec2"]["ctc_lr"] == 2e-4 and rows["wav2vec2"]["ctc_test_cer"] == [51.0, 52.0]
+    assert rows["wav2vec2"]["ctc_valid_cer_by_lr"] == {"0.0005": 100.0, "0.0002": 60.0}
+    assert rows["scratch"]["ctc_lr"] == 5e-4 and rows["scratch"]["ctc_test_cer"] == [60.0, 60.0]
+    line = next(x for x in exp.table(rows, seeds=2).splitlines() if x.startswith("| wav2vec 2.0"))
+    assert line.startswith("| wav2vec 2.0 (log-mel tiny) | 0.0002 | 98.0 ± 0.0 | 51.5 ± 0.7 | 0.86x |")
+    with pytest.raises(SystemExit, match="--ctc-lrs 'fast'"):
+        exp.ctc_lrs(exp.parse_args(["--ctc-lrs", "fast"]))

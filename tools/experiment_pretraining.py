@@ -41,6 +41,28 @@ DEMO = Path(os.environ.get("SPEECHSSL_DEMO_DIR", Path.home() / ".cache/speechssl
 OBJECTIVES = ("wav2vec2", "hubert", "data2vec2")
 DEFAULT_OBJECTIVES = ("wav2vec2", "hubert")
 RECIPES = {"wav2vec2": "recipes/wav2vec2_mel_tiny.yaml", "data2vec2": "recipes/data2vec2_tiny.yaml"}
+CTC_RECIPE = "recipes/ctc_mel_tiny.yaml"
+
+
+def recipe_ctc_lr() -> float:
+    from speechssl.config import load_config
+
+    lr = load_config(ROOT / CTC_RECIPE).optimization.lr
+    return float(lr[0] if isinstance(lr, (list, tuple)) else lr)
+
+
+def ctc_lrs(args) -> list[float]:
+    """The CTC learning rates to try (``--ctc-lrs``), the recipe's when none is given."""
+    try:
+        lrs = [float(x) for x in args.ctc_lrs.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--ctc-lrs {args.ctc_lrs!r}: expected comma-separated numbers, e.g. 5e-4,2e-4") from None
+    return lrs or [recipe_ctc_lr()]
+
+
+def lr_suffix(lr: float) -> str:
+    """Run folders: ``ctc_NAME`` at the recipe's learning rate (as before the option), ``ctc_NAME_lr2e-04``."""
+    return "" if lr == recipe_ctc_lr() else f"_lr{lr:.0e}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1,
                    help="steps run at once (each with 2/JOBS threads); pretraining always runs alone")
     p.add_argument("--ctc-updates", type=int, default=0, help="CTC fine-tuning updates (0: the recipe's)")
+    p.add_argument("--ctc-lrs", default="",
+                   help="comma-separated CTC learning rates (default: the recipe's): every row (scratch too) is "
+                        "fine-tuned with each, and each row reports the one with the lowest valid CER, mean over "
+                        "the seeds")
     p.add_argument("--probe-updates", type=int, default=0, help="ASR probe updates (0: speechssl probe's default)")
     p.add_argument("--no-probes", action="store_true", help="fine-tuning rows only")
     p.add_argument("--probe-seeds", default="", help="comma-separated seeds that are probed (default: every seed)")
@@ -222,21 +248,22 @@ def plan(args, man: dict[str, Path]) -> tuple[list[Step], dict[str, dict[str, Pa
         # (the encoders are the same; HuBERT's has no quantizer), else the first upstream's
         arch = "hubert" if "hubert" in ups else next(iter(ups))
         first = ups[arch]
-        for name, path in ups.items():
-            steps.append(Step(f"s{seed} ctc {name}", speechssl(
-                "finetune", "recipes/ctc_mel_tiny.yaml", f"model.w2v_path={path}",
-                f"checkpoint.save_dir={d / f'ctc_{name}'}", *ctc), d / f"ctc_{name}/checkpoint_best.pt",
-                d / f"logs/ctc_{name}.log", after=pre[name], resumable=True))
-        steps.append(Step(f"s{seed} ctc scratch", speechssl(
-            "finetune", "recipes/ctc_mel_tiny.yaml", f"model.w2v_path={first}", "model.no_pretrained_weights=true",
-            "model.freeze_finetune_updates=0", f"checkpoint.save_dir={d / 'ctc_scratch'}", *ctc), d / "ctc_scratch/checkpoint_best.pt",
-            d / "logs/ctc_scratch.log", after=pre[arch], resumable=True))
-        for name in [*ups, "scratch"]:
-            for split in ("valid", "test"):
-                steps.append(Step(f"s{seed} eval {name} {split}", speechssl(
-                    "evaluate", d / f"ctc_{name}/checkpoint_best.pt", man["labeled"], "--split", split, "--out",
-                    d / f"eval_{name}_{split}", "--force"), d / f"eval_{name}_{split}/report.json",
-                    d / f"logs/eval_{name}_{split}.log", after=[f"s{seed} ctc {name}"]))
+        for lr in ctc_lrs(args):
+            sfx = lr_suffix(lr)
+            lr_over = [f"optimization.lr=[{lr}]"] if sfx else []
+            runs = {name: ([f"model.w2v_path={path}"], pre[name]) for name, path in ups.items()}
+            runs["scratch"] = ([f"model.w2v_path={first}", "model.no_pretrained_weights=true",
+                                "model.freeze_finetune_updates=0"], pre[arch])
+            for name, (model_args, after) in runs.items():
+                run = d / f"ctc_{name}{sfx}"
+                steps.append(Step(f"s{seed} ctc {name}{sfx}", speechssl(
+                    "finetune", CTC_RECIPE, *model_args, f"checkpoint.save_dir={run}", *ctc, *lr_over),
+                    run / "checkpoint_best.pt", d / f"logs/ctc_{name}{sfx}.log", after=after, resumable=True))
+                for split in ("valid", "test"):
+                    steps.append(Step(f"s{seed} eval {name}{sfx} {split}", speechssl(
+                        "evaluate", run / "checkpoint_best.pt", man["labeled"], "--split", split, "--out",
+                        d / f"eval_{name}{sfx}_{split}", "--force"), d / f"eval_{name}{sfx}_{split}/report.json",
+                        d / f"logs/eval_{name}{sfx}_{split}.log", after=[f"s{seed} ctc {name}{sfx}"]))
         if args.no_probes or (probe_seeds and seed not in probe_seeds):
             continue
         probes = {**{name: ([str(path)], pre[name]) for name, path in ups.items()},
@@ -273,16 +300,30 @@ def collect(args, upstreams: dict[str, dict[str, Path]]) -> dict:
     def read(path: Path) -> Optional[dict]:
         return json.loads(path.read_text()) if path.is_file() else None
 
-    for seed, ups in upstreams.items():
-        d = args.work / f"seed{seed}"
-        for name in [*ups, "scratch"]:
-            for split in ("test", "valid"):
-                r = read(d / f"eval_{name}_{split}/report.json")
+    lrs = ctc_lrs(args)
+    names = list(dict.fromkeys(n for ups in upstreams.values() for n in [*ups, "scratch"]))
+    for name in names:
+        # per learning rate: {seed: report} of the valid and test evaluations
+        evals = {lr: {split: {seed: read(args.work / f"seed{seed}/eval_{name}{lr_suffix(lr)}_{split}/report.json")
+                              for seed in upstreams} for split in ("valid", "test")} for lr in lrs}
+        valid_cer = {lr: [r["cer"] for r in e["valid"].values() if r] for lr, e in evals.items()}
+        measured = [lr for lr in lrs if valid_cer[lr]]
+        if not measured:
+            continue
+        # selection on valid: the learning rate with the lowest mean valid CER over the seeds
+        best = min(measured, key=lambda lr: statistics.mean(valid_cer[lr]))
+        rows.setdefault(name, {})["ctc_lr"] = best
+        rows[name]["ctc_valid_cer_by_lr"] = {f"{lr:g}": round(statistics.mean(v), 2)
+                                             for lr, v in valid_cer.items() if v}
+        for split in ("test", "valid"):
+            for seed, r in evals[best][split].items():
                 if r:
                     add(name, f"ctc_{split}_wer", r["wer"])
                     add(name, f"ctc_{split}_cer", r["cer"])
                     if split == "test":  # the ratio to scratch pairs the rows of one seed
-                        rows.setdefault(name, {}).setdefault("ctc_test_cer_by_seed", {})[seed] = r["cer"]
+                        rows[name].setdefault("ctc_test_cer_by_seed", {})[seed] = r["cer"]
+    for seed, ups in upstreams.items():
+        d = args.work / f"seed{seed}"
         for name in [*ups, "fbank", "random"]:
             r = read(d / f"probe_asr_{name}/probe.json")
             if r:
@@ -301,8 +342,9 @@ LABELS = {"wav2vec2": "wav2vec 2.0 (log-mel tiny)", "hubert": "HuBERT iteration 
 
 
 def table(rows: dict, seeds: int) -> str:
-    out = [f"| upstream (mean ± std over {seeds} seed{'s' if seeds > 1 else ''}) | CTC test WER % | CTC test CER % | "
-           "CER vs scratch | probe ASR test CER % | probe SID test accuracy % |", "|---|---|---|---|---|---|"]
+    out = [f"| upstream (mean ± std over {seeds} seed{'s' if seeds > 1 else ''}) | CTC lr | CTC test WER % | "
+           "CTC test CER % | CER vs scratch | probe ASR test CER % | probe SID test accuracy % |",
+           "|---|---|---|---|---|---|---|"]
     scratch = rows.get("scratch", {}).get("ctc_test_cer_by_seed", {})
     for name in [*[k for k in rows if k in OBJECTIVES], "scratch", "fbank", "random"]:
         r = rows.get(name, {})
@@ -313,7 +355,8 @@ def table(rows: dict, seeds: int) -> str:
                 ratio = f"{statistics.mean(ratios):.2f}x"
         cells = [mean_std(r.get(k, []), seeds) for k in ("ctc_test_wer", "ctc_test_cer")]
         probes = [mean_std(r.get(k, []), seeds) for k in ("probe_asr_cer", "probe_sid_acc")]
-        out.append(f"| {LABELS[name]} | {cells[0]} | {cells[1]} | {ratio} | {probes[0]} | {probes[1]} |")
+        lr = f"{r['ctc_lr']:g}" if "ctc_lr" in r else "-"
+        out.append(f"| {LABELS[name]} | {lr} | {cells[0]} | {cells[1]} | {ratio} | {probes[0]} | {probes[1]} |")
     return "\n".join(out) + "\n"
 
 

@@ -28,7 +28,7 @@ _LAST = ("lr", "loss_scale", "epoch")
 _NOT_LOGGED = ("skipped", "overflow", "nonfinite")
 # Columns of the progress line, in order, with their format.
 _SHOWN = (("loss", ".3f"), ("target_var", ".3f"), ("pred_var", ".3f"), ("contrastive", ".3f"), ("diversity", ".3f"), ("feature_pen", ".3f"),
-          ("accuracy", ".3f"), ("wer", ".2f"), ("cer", ".2f"), ("emit_ratio", ".2f"), ("probe_cer", ".1f"), ("probe_accuracy", ".1f"), ("code_perplexity", ".1f"), ("prob_perplexity", ".1f"), ("temp", ".3f"),
+          ("accuracy", ".3f"), ("wer", ".2f"), ("cer", ".2f"), ("emit_ratio", ".2f"), ("frame_std_ratio", ".2f"), ("probe_cer", ".1f"), ("probe_accuracy", ".1f"), ("code_perplexity", ".1f"), ("prob_perplexity", ".1f"), ("temp", ".3f"),
           ("lr", ".2e"), ("grad_norm", ".2f"), ("audio_sec_per_sec", ".0f"))
 
 
@@ -81,6 +81,10 @@ class IntervalMeter:
         return out
 
 
+# frame_std_ratio below this with only blanks emitted: the CTC model's encoder has collapsed (see HealthMonitor)
+COLLAPSED_FRAME_STD_RATIO = 0.05
+
+
 class HealthMonitor:
     """Alarms for the usual ways self-supervised pretraining fails.
 
@@ -91,7 +95,9 @@ class HealthMonitor:
       ``loss_divergence=False``: a self-distillation loss rises legitimately while the teacher's targets gain
       variance);
     * CTC fine-tuning stuck emitting only blanks: ``emit_ratio`` (symbols emitted / target tokens)
-      below 0.05 once ``blank_alarm_update`` updates are done;
+      below 0.05 once ``blank_alarm_update`` updates are done; when ``frame_std_ratio`` is below
+      :data:`COLLAPSED_FRAME_STD_RATIO` too, the alarm says the encoder collapsed (one output for every frame),
+      which waiting does not cure;
     * teacher-student collapse (data2vec 2.0): ``target_var`` below ``min_target_var`` or ``pred_var`` below
       ``min_pred_var`` once ``variance_start_update`` updates are done (fairseq stops such a run after 5000
       updates; here the log says so and the run goes on).
@@ -125,7 +131,16 @@ class HealthMonitor:
         if self.chance and acc is not None and n >= self.start_update and acc < 1.5 * self.chance:
             alarms.append(f"accuracy {acc:.3f} still at chance ({self.chance:.3f}) after {n} updates")
         emit = record.get("emit_ratio")
+        frames = record.get("frame_std_ratio")
         if self.blank_alarm_update is not None and emit is not None and n >= self.blank_alarm_update \
+                and emit < 0.05 and frames is not None and frames < COLLAPSED_FRAME_STD_RATIO:
+            alarms.append(
+                f"the model emits only blanks after {n} updates and its output is the same at every frame "
+                f"(frame_std_ratio {frames:.3f}; a model that reads its input: ~0.5-0.7): the encoder collapsed onto "
+                "one output, and CTC does not leave the all-blank plateau from there. Restart from the pretrained "
+                "upstream with a lower learning rate (optimization.lr; on the demo corpus 5e-4 collapsed the "
+                "log-mel wav2vec 2.0 upstream in 3 seeds of 3, 2e-4 in none) or a longer warmup")
+        elif self.blank_alarm_update is not None and emit is not None and n >= self.blank_alarm_update \
                 and emit < 0.05:
             alarms.append(
                 f"the model emits only blanks after {n} updates ({100 * emit:.1f}% of the target tokens; WER stays "

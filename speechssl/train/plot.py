@@ -25,6 +25,7 @@ PANELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "accuracy": ("accuracy", ("accuracy",)),
     "error_rate": ("error rate % (CTC, greedy)", ("wer", "cer")),
     "emit_ratio": ("CTC symbols emitted / target tokens", ("emit_ratio",)),
+    "frame_std_ratio": ("CTC output change over frames / over symbols (~0: collapsed)", ("frame_std_ratio",)),
     "probe_error_rate": ("frozen-upstream ASR probe, valid error rate %", ("probe_cer", "probe_wer")),
     "probe_accuracy": ("frozen-upstream speaker-ID probe, valid accuracy %", ("probe_accuracy",)),
     "perplexity": ("codebook perplexity", ("code_perplexity", "prob_perplexity")),
