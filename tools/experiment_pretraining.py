@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
 import statistics
@@ -44,7 +45,9 @@ RECIPES = {"wav2vec2": "recipes/wav2vec2_mel_tiny.yaml", "data2vec2": "recipes/d
 CTC_RECIPE = "recipes/ctc_mel_tiny.yaml"
 
 
+@functools.lru_cache(maxsize=None)
 def recipe_ctc_lr() -> float:
+    """The CTC recipe's learning rate (read once: every run folder name asks for it)."""
     from speechssl.config import load_config
 
     lr = load_config(ROOT / CTC_RECIPE).optimization.lr

@@ -134,8 +134,9 @@ class HealthMonitor:
             alarms.append(f"accuracy {acc:.3f} still at chance ({self.chance:.3f}) after {n} updates")
         emit = record.get("emit_ratio")
         frames = record.get("frame_std_ratio")
-        if self.blank_alarm_update is not None and emit is not None and n >= self.blank_alarm_update \
-                and emit < 0.05 and frames is not None and frames < COLLAPSED_FRAME_STD_RATIO:
+        only_blanks = self.blank_alarm_update is not None and emit is not None and n >= self.blank_alarm_update \
+            and emit < 0.05
+        if only_blanks and frames is not None and frames < COLLAPSED_FRAME_STD_RATIO:
             alarms.append(
                 f"the model emits only blanks after {n} updates and its output barely changes from frame to frame "
                 f"(frame_std_ratio {frames:.2f}; fine-tuned models that read their input: ~0.6-0.7): the encoder "
@@ -143,8 +144,7 @@ class HealthMonitor:
                 "there. Restart from the pretrained upstream with a lower learning rate (optimization.lr; on the "
                 "demo corpus 5e-4 left the log-mel wav2vec 2.0 upstream there in 3 seeds of 3, 2e-4 in none) or a "
                 "longer warmup")
-        elif self.blank_alarm_update is not None and emit is not None and n >= self.blank_alarm_update \
-                and emit < 0.05:
+        elif only_blanks:
             alarms.append(
                 f"the model emits only blanks after {n} updates ({100 * emit:.1f}% of the target tokens; WER stays "
                 "~100%). Likely causes: learning rate too high (optimization.lr; published 3e-5..5e-5) or warmup too "
