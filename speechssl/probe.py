@@ -20,7 +20,8 @@ weighted sum of the Transformer input and every layer's output) and score it:
 UPSTREAM is a speechssl checkpoint (pretraining or fine-tuned), or 'fbank' for the 80-d log-mel
 baseline (two frames stacked: 20 ms, the models' frame rate; as it is and standardized per utterance, the
 featurizer weighs both); --random-init probes the checkpoint's
-architecture with fresh weights (the "same upstream, untrained" baseline). The upstream runs once per
+architecture with fresh weights (the "same upstream, untrained" baseline; UPSTREAM may then be the
+pretraining recipe instead of a checkpoint). The upstream runs once per
 utterance; the downstream trains on the cached states, so a probe takes seconds (sid) to minutes (asr).
 Writes --out/probe.json (scores, layer weights, curve) and, for asr, the test hypotheses.
 
@@ -28,6 +29,7 @@ examples:
   speechssl probe runs/w2v/checkpoint_best.pt manifests/demo/labeled_10min --task asr --out runs/probe_asr
   speechssl probe fbank manifests/demo/labeled_10min --task asr
   speechssl probe runs/w2v/checkpoint_best.pt manifests/demo/speaker_id --task sid --random-init
+  speechssl probe recipes/data2vec2_tiny.yaml manifests/demo/speaker_id --task sid --random-init
 """
 
 
@@ -35,11 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from speechssl.tasks.probe import ProbeConfig, TASKS
 
     d = ProbeConfig()
-    p.add_argument("upstream", metavar="UPSTREAM", help="speechssl checkpoint, or 'fbank'")
+    p.add_argument("upstream", metavar="UPSTREAM", help="speechssl checkpoint, or 'fbank' (with --random-init: or a pretraining recipe)")
     p.add_argument("manifest_dir", metavar="MANIFEST_DIR",
                    help="splits with .ltr/.wrd (asr) or .spk + dict.spk.txt (sid) labels")
     p.add_argument("--task", choices=TASKS, required=True)
-    p.add_argument("--random-init", action="store_true", help="the checkpoint's architecture, untrained weights")
+    p.add_argument("--random-init", action="store_true", help="the checkpoint's (or recipe's) architecture, untrained weights")
     p.add_argument("--out", type=Path, help="write probe.json (and asr hypotheses) here")
     p.add_argument("--force", action="store_true", help="replace an existing --out/probe.json")
     p.add_argument("--updates", type=NON_NEGATIVE, default=0, help="downstream updates (0: 1500 asr, 600 sid)")

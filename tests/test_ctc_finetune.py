@@ -308,3 +308,33 @@ def test_no_pretrained_weights_takes_the_architecture_not_the_weights(tmp_path, 
     loaded = build_ctc_finetuning(load_config(rec, ["model.no_pretrained_weights=false", "task.normalize=true"]))
     assert torch.equal(loaded.model.w2v_model.state_dict()["encoder.layers.0.fc1.weight"],
                        ref["encoder.layers.0.fc1.weight"])
+
+
+def test_no_pretrained_weights_takes_the_architecture_of_a_pretraining_recipe(tmp_path, corpus):
+    """model.w2v_path may name the pretraining recipe for the from-scratch baseline: the same architecture
+    and the same initial weights (same seed) as from a checkpoint of that recipe, with no pretraining run;
+    without model.no_pretrained_weights a recipe is refused (it has no weights)."""
+    import yaml
+
+    from speechssl.config import _to_plain
+    from speechssl.models import Wav2Vec2Model, wav2vec2_tiny_config
+    from speechssl.tasks.ctc import build_ctc_finetuning
+
+    arch = dataclasses.replace(wav2vec2_tiny_config(), encoder_embed_dim=64, encoder_ffn_embed_dim=80)
+    recipe = tmp_path / "pretrain_arch.yaml"
+    recipe.write_text(yaml.safe_dump({"base": "wav2vec2_tiny.yaml", "model": _to_plain(dataclasses.asdict(arch))}))
+    ckpt = tmp_path / "pre.pt"
+    pre_cfg = load_config(recipe)
+    save_checkpoint({"model": Wav2Vec2Model(pre_cfg.model).state_dict(), "config": pre_cfg.to_dict()}, ckpt)
+    built = {}
+    for name, path in (("recipe", recipe), ("checkpoint", ckpt)):
+        rec = tiny_ctc_recipe(tmp_path / f"{name}.yaml", corpus, tmp_path / name,
+                              model={"w2v_path": str(path), "no_pretrained_weights": True})
+        torch.manual_seed(3)
+        built[name] = build_ctc_finetuning(load_config(rec)).model
+    assert built["recipe"].w2v_model.cfg.encoder_embed_dim == 64
+    a, b = built["recipe"].state_dict(), built["checkpoint"].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rec = tiny_ctc_recipe(tmp_path / "weights.yaml", corpus, tmp_path / "w", model={"w2v_path": str(recipe)})
+    with pytest.raises(ConfigError, match="no_pretrained_weights=true"):
+        build_ctc_finetuning(load_config(rec))

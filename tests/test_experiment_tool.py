@@ -94,10 +94,20 @@ def test_data2vec2_is_an_objective_on_request(tmp_path):
     steps, upstreams = exp.plan(args, man)
     pretrain = next(s for s in steps if s.name == "s1 pretrain data2vec2")
     assert "recipes/data2vec2_tiny.yaml" in pretrain.cmd and "optimization.max_update=5" in pretrain.cmd
-    assert pretrain.alone and upstreams == {"1": {"data2vec2": tmp_path / "seed1/data2vec2/checkpoint_last.pt"}}
-    scratch = next(s for s in steps if s.name == "s1 ctc scratch")  # the data2vec 2.0 architecture, untrained
+    assert not pretrain.alone and upstreams == {"1": {"data2vec2": tmp_path / "seed1/data2vec2/checkpoint_last.pt"}}
+    # the baselines: the data2vec 2.0 architecture read from its recipe, so they run beside the pretraining
+    by_name = {s.name: s for s in steps}
+    scratch, random_init = by_name["s1 ctc scratch"], by_name["s1 probe asr random"]
+    assert "model.w2v_path=recipes/data2vec2_tiny.yaml" in scratch.cmd and scratch.after == []
+    assert "recipes/data2vec2_tiny.yaml" in random_init.cmd and "--random-init" in random_init.cmd
+    assert random_init.after == [] and by_name["s1 probe asr fbank"].after == []
+    assert by_name["s1 ctc data2vec2"].after == ["s1 pretrain data2vec2"]
+    assert by_name["s1 probe asr data2vec2"].after == ["s1 pretrain data2vec2"]
+    # a pretraining that overrides the architecture: the baselines take it from the checkpoint, after it
+    over = exp.parse_args(["--work", str(tmp_path), "--seeds", "1", "--objectives", "data2vec2",
+                           "--override", "data2vec2:model.encoder_layers=2"])
+    scratch = next(s for s in exp.plan(over, man)[0] if s.name == "s1 ctc scratch")
     assert f"model.w2v_path={upstreams['1']['data2vec2']}" in scratch.cmd and scratch.after == ["s1 pretrain data2vec2"]
-    assert {s.name for s in steps} >= {"s1 probe asr data2vec2", "s1 probe asr random", "s1 ctc data2vec2"}
     assert exp.parse_args([]).objectives == "wav2vec2,hubert"  # the demo's default stays the two published ones
     text = exp.table({"data2vec2": {"ctc_test_cer": [40.0], "ctc_test_cer_by_seed": {"1": 40.0}},
                       "scratch": {"ctc_test_cer": [50.0], "ctc_test_cer_by_seed": {"1": 50.0}}}, seeds=1)

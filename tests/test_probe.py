@@ -117,6 +117,13 @@ def test_probe_command_checkpoint_random_init_and_errors(tmp_path, capsys):
     assert main(args) == 2 and "add --force" in capsys.readouterr().err  # never overwrites silently
     assert main(args + ["--force", "--random-init"]) == 0
     assert json.loads((out / "probe.json").read_text())["upstream"].startswith("random-init")
+    # the architecture of a pretraining recipe, no checkpoint needed (the baseline before pretraining)
+    recipe_args = ["probe", "recipes/wav2vec2_mel_tiny.yaml", str(manifest), "--task", "sid", "--updates", "20",
+                   "--out", str(out), "--force"]
+    assert main(recipe_args + ["--random-init"]) == 0
+    assert json.loads((out / "probe.json").read_text())["upstream"] == "random-init wav2vec2"
+    assert len(json.loads((out / "probe.json").read_text())["layer_weights"]) == 7  # input + 6 layers
+    assert main(recipe_args) == 2 and "add --random-init" in capsys.readouterr().err
     assert main(["probe", "fbank", str(manifest), "--task", "asr"]) == 1
     assert "dict.ltr.txt" in capsys.readouterr().err  # names the missing file
     assert main(["probe", str(tmp_path / "nope.pt"), str(manifest), "--task", "sid"]) == 2

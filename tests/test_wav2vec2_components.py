@@ -62,6 +62,36 @@ def test_attention_dropout_path_equals_fused_path():
     torch.testing.assert_close(attn(x2, pad)[~pad], fused[~pad], atol=1e-5, rtol=1e-5)
 
 
+def test_attention_with_a_learned_bias_matches_sdpa_and_trains_the_bias():
+    """A bias that needs a gradient (data2vec 2.0's ALiBi scales) takes the explicit CPU path: the same
+    outputs as SDPA with the same bias, padded keys ignored, and the bias gets softmax's gradient (checked
+    against an independent float64 computation)."""
+    torch.manual_seed(0)
+    attn = SelfAttention(32, 4).eval()
+    x = torch.randn(3, 20, 32)
+    pad = torch.arange(20)[None, :] >= torch.tensor([20, 15, 9])[:, None]
+    distance = (torch.arange(20)[:, None] - torch.arange(20)[None, :]).abs().float()
+    scale = torch.tensor([0.5, 0.25, 0.125, 0.0625], requires_grad=True)
+    bias = -scale[:, None, None] * distance  # (H, L, L), broadcast over the batch
+    out = attn(x, pad, bias[None])
+    fused = attn(x, pad, bias[None].detach())  # no gradient needed: SDPA
+    torch.testing.assert_close(out, fused, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out).masked_fill(pad[..., None], 0.0)
+    (g_scale,) = torch.autograd.grad(out, scale, grad_out)
+    # float64 reference: softmax(QK^T / sqrt(d) + bias) V, written out
+    with torch.no_grad():
+        q, k, v = attn.qkv_proj(x).double().view(3, 20, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    s64 = scale.detach().double().requires_grad_(True)
+    logits = q @ k.transpose(-2, -1) / 8**0.5 - s64[:, None, None] * distance.double()
+    probs = logits.masked_fill(pad[:, None, None, :], float("-inf")).softmax(-1)
+    ref = attn.out_proj.double()((probs @ v).transpose(1, 2).reshape(3, 20, 32))
+    attn.out_proj.float()
+    (g_ref,) = torch.autograd.grad(ref, s64, grad_out.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_scale.double(), g_ref, atol=1e-4, rtol=1e-4)
+    assert g_scale.abs().min() > 0
+
+
 @pytest.mark.parametrize("kernel,stride", [(3, 2), (2, 2), (10, 5), (4, 3), (1, 1), (2, 5)])
 def test_channels_last_conv_matches_conv1d(kernel, stride):
     torch.manual_seed(0)

@@ -10,13 +10,14 @@
 #      labeled_10min/  a speaker-balanced 10-minute labeled subset of the training speakers
 #                      (valid = dev speakers, test = held-out test speakers)
 #      speaker_id/     the training speakers, split by recording session (train / valid / test sessions)
-# 4. pretrains data2vec 2.0 (recipes/data2vec2_tiny.yaml; DEMO_OBJECTIVE=wav2vec2 for wav2vec 2.0,
-#    recipes/wav2vec2_mel_tiny.yaml) on the pool, about 10 minutes, with a frozen speaker-ID probe at every
-#    500 updates, and plots its curves;
-# 5. "does pretraining help?" for that checkpoint (tools/experiment_pretraining.py, one seed): CTC on the 10
-#    labeled minutes, pretrained vs the same architecture from scratch (wav2vec 2.0: at two learning rates,
-#    each row's best on valid), scored on the test speakers; frozen
-#    probes (ASR and speaker ID) against FBANK and the random initialisation; prints the table.
+# 4. "does pretraining help?" (tools/experiment_pretraining.py, one seed, two jobs of one thread each):
+#    pretrains data2vec 2.0 (recipes/data2vec2_tiny.yaml; DEMO_OBJECTIVE=wav2vec2 for wav2vec 2.0,
+#    recipes/wav2vec2_mel_tiny.yaml) on the pool, about 8 minutes, with a frozen speaker-ID probe every 500
+#    updates; beside it, the baselines that need no pretraining: CTC on the 10 labeled minutes from scratch
+#    (the same architecture, read from the recipe) and the frozen FBANK and random-init probes; then CTC and
+#    the frozen probes (ASR and speaker ID) of the pretrained model (wav2vec 2.0: CTC at two learning rates,
+#    each row's best on valid), scored on the test speakers; prints the table;
+# 5. plots the pretraining curves.
 # DEMO_OBJECTIVE (data2vec2 | wav2vec2), DEMO_SEED (1), DEMO_CTC_UPDATES (the recipe's 1,500) and
 # DEMO_PROBE_UPDATES (ASR probe updates: 600 here to keep the demo short; the README's table uses speechssl
 # probe's 1,500) change the run.
@@ -34,10 +35,10 @@ WORK=$DEMO/runs/demo
 step() { printf '\n== %s   [%s]\n' "$*" "$(date +%H:%M:%S)"; }
 SECONDS=0
 
-step "1/6 demo corpus -> $CORPUS"
+step "1/5 demo corpus -> $CORPUS"
 speechssl corpus "$CORPUS"
 
-step "2/6 manifests -> $MANIFESTS"
+step "2/5 manifests -> $MANIFESTS"
 # derived from the corpus and rebuilt on every run (--force)
 speechssl manifest "$CORPUS/pool" --out "$MANIFESTS/unlabeled" --add-split valid="$CORPUS/dev" --force --quiet
 speechssl manifest "$CORPUS/train" --out "$MANIFESTS/labeled_10min" --train-seconds 600 \
@@ -46,7 +47,7 @@ speechssl manifest "$CORPUS/train" --out "$DEMO/manifests/train_all" --valid-per
 python -c "import sys; from speechssl.tasks.speaker_id import make_cross_session_manifest as m; \
 print('speaker_id:', m(sys.argv[1], sys.argv[2], force=True))" "$DEMO/manifests/train_all" "$MANIFESTS/speaker_id"
 
-step "3/6 check manifests"
+step "3/5 check manifests"
 speechssl manifest --check "$MANIFESTS/unlabeled"
 speechssl manifest --check "$MANIFESTS/labeled_10min"
 
@@ -57,15 +58,10 @@ case "$OBJECTIVE" in
   *) echo "demo: DEMO_OBJECTIVE=$OBJECTIVE: choose data2vec2 or wav2vec2 (HuBERT: tools/experiment_pretraining.py)" >&2; exit 2 ;;
 esac
 RUN=$WORK/seed$SEED/$OBJECTIVE
-step "4/6 pretrain $OBJECTIVE ($RECIPE) on the unlabeled pool -> $RUN"
-speechssl pretrain "$RECIPE" task.data="$MANIFESTS/unlabeled" checkpoint.save_dir="$RUN" \
-    common.seed="$SEED" common.log_format=simple probe.data="$MANIFESTS/speaker_id" probe.interval_updates=500
-
-step "5/6 plots"
-speechssl plot "$RUN"
-
-step "6/6 does pretraining help? CTC on 10 labeled minutes and frozen probes (tools/experiment_pretraining.py)"
+step "4/5 does pretraining help? pretrain $OBJECTIVE ($RECIPE) on the unlabeled pool -> $RUN, beside it the baselines; then CTC on 10 labeled minutes and frozen probes (tools/experiment_pretraining.py)"
 args=(--seeds "$SEED" --objectives "$OBJECTIVE" --jobs 2 --work "$WORK" --corpus "$CORPUS" --manifests "$MANIFESTS")
+# the pretraining run probes speaker ID every 500 updates (plotted with its curves)
+args+=(--override "$OBJECTIVE:probe.data=$MANIFESTS/speaker_id" --override "$OBJECTIVE:probe.interval_updates=500")
 [[ -n "${DEMO_CTC_UPDATES:-}" ]] && args+=(--ctc-updates "$DEMO_CTC_UPDATES")
 # the recipe's CTC learning rate (5e-4) is the best on valid for data2vec 2.0 and for scratch; at 5e-4 the
 # wav2vec 2.0 upstream collapses onto CTC's all-blank plateau (3 seeds of 3; 2e-4: valid CER 60.0), so its
@@ -73,6 +69,9 @@ args=(--seeds "$SEED" --objectives "$OBJECTIVE" --jobs 2 --work "$WORK" --corpus
 [[ "$OBJECTIVE" == wav2vec2 ]] && args+=(--ctc-lrs 5e-4,2e-4)
 args+=(--probe-updates "${DEMO_PROBE_UPDATES:-600}")
 python tools/experiment_pretraining.py "${args[@]}"
+
+step "5/5 plots"
+speechssl plot "$RUN"
 
 printf '\nDone in %d min.\n  corpus:      %s\n  manifests:   %s/{unlabeled,labeled_10min,speaker_id}\n' \
     $((SECONDS / 60)) "$CORPUS" "$MANIFESTS"

@@ -78,7 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES),
                    help=f"comma-separated subset of {OBJECTIVES}")
     p.add_argument("--jobs", type=int, default=1,
-                   help="steps run at once (each with 2/JOBS threads); pretraining always runs alone")
+                   help="steps run at once, each with 2/JOBS threads (pretraining too: these tiny models run "
+                        "as fast on one thread as on two, so two jobs do twice the work); k-means runs alone")
     p.add_argument("--ctc-updates", type=int, default=0, help="CTC fine-tuning updates (0: the recipe's)")
     p.add_argument("--ctc-lrs", default="",
                    help="comma-separated CTC learning rates (default: the recipe's): every row (scratch too) is "
@@ -106,7 +107,7 @@ class Step:
     cmd: list[str]
     done: Path  # exists when the step is finished
     log: Path
-    alone: bool = False  # run with both cores (pretraining: its wall time is the budget)
+    alone: bool = False  # run with both cores, nothing beside it (k-means labels)
     # a training: ``done`` (a checkpoint) also exists when it was interrupted, so the command always runs;
     # the trainer resumes it, or says there is nothing to do and exits
     resumable: bool = False
@@ -224,7 +225,7 @@ def plan(args, man: dict[str, Path]) -> tuple[list[Step], dict[str, dict[str, Pa
             steps.append(Step(f"s{seed} pretrain {name}", speechssl(
                 "pretrain", RECIPES[name], f"task.data={man['unlabeled']}",
                 f"checkpoint.save_dir={run}", *common, *over.get(name, [])),
-                run / "checkpoint_last.pt", d / f"logs/pretrain_{name}.log", alone=True, resumable=True))
+                run / "checkpoint_last.pt", d / f"logs/pretrain_{name}.log", resumable=True))
             ups[name] = run / "checkpoint_last.pt"
         if "hubert" in wanted:
             it1, it2 = d / "hubert_it1", d / "hubert_it2"
@@ -232,7 +233,7 @@ def plan(args, man: dict[str, Path]) -> tuple[list[Step], dict[str, dict[str, Pa
                 "pretrain", "recipes/hubert_mel_tiny.yaml", f"task.data={man['unlabeled']}",
                 f"task.label_dir={hub_labels / 'it1/labels'}", f"checkpoint.save_dir={it1}", *common,
                 *over.get("hubert", [])), it1 / "checkpoint_last.pt", d / "logs/pretrain_hubert_it1.log",
-                alone=True, after=["hubert labels it1"], resumable=True))
+                after=["hubert labels it1"], resumable=True))
             steps.append(Step(f"s{seed} hubert labels it2", [
                 "bash", str(ROOT / "tools/hubert_labels.sh"), str(man["unlabeled"]), str(d / "hubert_labels"),
                 str(it1 / "checkpoint_last.pt")], d / "hubert_labels/it2/labels/valid.km",
@@ -242,21 +243,25 @@ def plan(args, man: dict[str, Path]) -> tuple[list[Step], dict[str, dict[str, Pa
                 "pretrain", "recipes/hubert_mel_tiny_iter2.yaml", f"task.data={man['unlabeled']}",
                 f"task.label_dir={d / 'hubert_labels/it2/labels'}", f"checkpoint.save_dir={it2}", *common,
                 *over.get("hubert", [])), it2 / "checkpoint_last.pt", d / "logs/pretrain_hubert_it2.log",
-                alone=True, after=[f"s{seed} hubert labels it2"], resumable=True))
+                after=[f"s{seed} hubert labels it2"], resumable=True))
             ups["hubert"] = it2 / "checkpoint_last.pt"
         pre = {name: [s.name for s in steps if s.done == path] for name, path in ups.items()}
         ctc = [f"task.data={man['labeled']}", *common] + (
             [f"optimization.max_update={args.ctc_updates}"] if args.ctc_updates else [])
         # the from-scratch row and the random-init probe use HuBERT's architecture when it is trained
-        # (the encoders are the same; HuBERT's has no quantizer), else the first upstream's
+        # (the encoders are the same; HuBERT's has no quantizer), else the first upstream's: read from its
+        # recipe, so both baselines run beside the pretraining instead of after it (HuBERT's, and one whose
+        # pretraining overrides model keys, from the pretrained checkpoint)
         arch = "hubert" if "hubert" in ups else next(iter(ups))
-        first = ups[arch]
+        first, arch_after = ups[arch], pre[arch]
+        if arch in RECIPES and not any(kv.startswith("model.") for kv in over.get(arch, [])):
+            first, arch_after = RECIPES[arch], []
         for lr in ctc_lrs(args):
             sfx = lr_suffix(lr)
             lr_over = [f"optimization.lr=[{lr}]"] if sfx else []
             runs = {name: ([f"model.w2v_path={path}"], pre[name]) for name, path in ups.items()}
             runs["scratch"] = ([f"model.w2v_path={first}", "model.no_pretrained_weights=true",
-                                "model.freeze_finetune_updates=0"], pre[arch])
+                                "model.freeze_finetune_updates=0"], arch_after)
             for name, (model_args, after) in runs.items():
                 run = d / f"ctc_{name}{sfx}"
                 steps.append(Step(f"s{seed} ctc {name}{sfx}", speechssl(
@@ -271,7 +276,7 @@ def plan(args, man: dict[str, Path]) -> tuple[list[Step], dict[str, dict[str, Pa
             continue
         probes = {**{name: ([str(path)], pre[name]) for name, path in ups.items()},
                   "fbank": (["fbank"], []),
-                  "random": ([str(first), "--random-init"], pre[arch])}
+                  "random": ([str(first), "--random-init"], arch_after)}
         for name, (upstream, after) in probes.items():
             for task, data in (("asr", man["labeled"]), ("sid", man["sid"])):
                 extra = ["--updates", str(args.probe_updates)] if task == "asr" and args.probe_updates else []

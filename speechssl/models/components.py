@@ -9,9 +9,12 @@ Three CPU-specific speed choices, with identical semantics (documented where the
 * :func:`dropout` draws its keep-mask by comparing 16-bit integers cut from 64-bit random words instead
   of ``torch.bernoulli`` (3-4x faster on CPU, where mask generation is a visible share of a BASE step; a
   drop probability ``p`` is realised as ``round(p * 2**16) / 2**16``, e.g. 0.1000061 for 0.1).
-* :class:`SelfAttention` uses ``scaled_dot_product_attention``'s fused kernel when there is no attention
-  dropout; with attention dropout on CPU (where SDPA falls back to a slow path) it computes the same
-  softmax(QK^T / sqrt(d)) -> dropout -> V explicitly (softmax statistics in fp32 as SDPA).
+* :class:`SelfAttention` uses ``scaled_dot_product_attention``'s fused kernel, except on CPU where SDPA
+  falls back to its slow math path: with attention dropout, or with an additive bias that needs a gradient
+  (data2vec 2.0's ALiBi with its learned scales). There it computes the same
+  softmax(QK^T / sqrt(d) + bias) -> dropout -> V explicitly (the math path upcasts bf16 to fp32, matmuls
+  included: the attention layer with ALiBi runs 1.8x faster in bf16, ``tools/bench_attention.py``, and
+  data2vec 2.0 tiny's CTC fine-tuning 1.55x).
 * the first (group-norm) conv layer runs channels-last end to end (:class:`ConvBlock`): one matmul of
   the waveform's frames, its per-channel statistics from the frames' covariance
   (:func:`frame_conv_stats`) and :class:`_ChannelNormNLC`, so the largest activation is never
@@ -452,21 +455,26 @@ class SelfAttention(nn.Module):
         B, L, D = x.shape
         q, k, v = self.qkv_proj(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        if attn_bias is not None:  # a float mask: the bias, -inf at padded keys
-            bias = attn_bias.to(q.dtype)
-            attend = bias if attend is None else bias.masked_fill(~attend, float("-inf"))
         p = self.dropout if self.training else 0.0
-        if p > 0.0 and x.device.type == "cpu":
-            scores = torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1))  # (B, H, L, L)
-            if attend is not None and attend.dtype == torch.bool:
-                scores = scores.masked_fill(~attend, float("-inf"))
-            elif attend is not None:
-                scores = scores + attend
-            probs = dropout(scores.softmax(-1), p, True)  # CPU softmax accumulates bf16 in fp32
-            out = torch.matmul(probs, v)
+        if x.device.type == "cpu" and (p > 0.0 or (attn_bias is not None and attn_bias.requires_grad)):
+            out = self._explicit(q, k, v, attend, attn_bias, p)
         else:
+            if attn_bias is not None:  # a float mask: the bias, -inf at padded keys
+                bias = attn_bias.to(q.dtype)
+                attend = bias if attend is None else bias.masked_fill(~attend, float("-inf"))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
+
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, attend: Optional[Tensor], bias: Optional[Tensor],
+                  p: float) -> Tensor:
+        """softmax(QK^T / sqrt(d) + bias) -> dropout -> V; the bias in the inputs' dtype, as the fused path
+        gets it (CPU's softmax accumulates bf16 in fp32). ``attend``: bool ``(B, 1, 1, L)`` or None."""
+        scores = torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1))  # (B, H, L, L)
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+        if attend is not None:
+            scores = scores.masked_fill(~attend, float("-inf"))
+        return torch.matmul(dropout(scores.softmax(-1), p, True), v)
 
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}

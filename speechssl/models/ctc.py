@@ -97,16 +97,24 @@ def resolve_finetune_config(cfg: ModelConfig, task_normalize: Optional[bool] = N
     """
     if not cfg.w2v_path:
         return dataclasses.replace(cfg)
-    from speechssl.models.pretrained import check_normalize, read_model_config, read_task_normalize
+    from speechssl.models.pretrained import (check_normalize, is_recipe, read_model_config, read_task_normalize,
+                                             recipe_model_config)
     from speechssl.train.checkpoint import load_checkpoint
 
     path = Path(cfg.w2v_path)
     if not path.is_file():
         raise ConfigError(f"model.w2v_path={cfg.w2v_path}: file not found (a checkpoint of 'speechssl pretrain')")
-    state = load_checkpoint(path)
-    upstream = read_model_config(state, path)
-    if task_normalize is not None:
-        check_normalize(task_normalize, read_task_normalize(state), f"model.w2v_path={path}")
+    if is_recipe(path):
+        if not cfg.no_pretrained_weights:
+            raise ConfigError(f"model.w2v_path={path} is a recipe: it has an architecture but no weights; add "
+                              "model.no_pretrained_weights=true to train that architecture from scratch, or give "
+                              "a checkpoint of 'speechssl pretrain'")
+        upstream = recipe_model_config(path)
+    else:
+        state = load_checkpoint(path)
+        upstream = read_model_config(state, path)
+        if task_normalize is not None:
+            check_normalize(task_normalize, read_task_normalize(state), f"model.w2v_path={path}")
     return dataclasses.replace(upstream, **{k: getattr(cfg, k) for k in FINETUNE_FIELDS})
 
 

@@ -69,6 +69,21 @@ def read_model_config(state: dict[str, Any], path: Path) -> ModelConfig:
         raise ConfigError(f"{path}: its stored config does not load with this speechssl version ({exc})") from None
 
 
+def is_recipe(path: str | Path) -> bool:
+    """Whether ``path`` names a recipe (``.yaml`` / ``.yml``) rather than a checkpoint."""
+    return Path(path).suffix.lower() in (".yaml", ".yml")
+
+
+def recipe_model_config(path: str | Path) -> ModelConfig:
+    """The ``model`` section of a pretraining recipe (with its ``base:`` chain): the architecture a checkpoint
+    of that recipe has, for the from-scratch and random-init baselines before (or without) pretraining it.
+    HuBERT's ``num_classes`` come from its labels, so a HuBERT recipe's model has no label embeddings; the
+    encoder, which is all a baseline uses, is the same."""
+    from speechssl.config import load_config
+
+    return load_config(path).model
+
+
 def read_task_normalize(state: dict[str, Any]) -> bool:
     """The ``task.normalize`` a checkpoint's model was trained with (False when its config has none)."""
     task = state.get("config", {}).get("task") or {}

@@ -133,19 +133,31 @@ def fbank_upstream() -> Upstream:
 def load_upstream(spec: str, random_init: bool = False, seed: int = 0,
                   device: str | torch.device = "cpu") -> Upstream:
     """``spec``: a speechssl checkpoint, or ``fbank``. ``random_init``: the checkpoint's architecture
-    with freshly initialised weights (seeded), the "same upstream, untrained" baseline."""
+    with freshly initialised weights (seeded), the "same upstream, untrained" baseline; ``spec`` may then be
+    the pretraining recipe instead (its model section: the same architecture, no checkpoint needed)."""
     device = torch.device(device)
     if spec == FBANK:
         if random_init:
             raise ConfigError("--random-init needs a checkpoint (its architecture), not fbank")
         return fbank_upstream()
     from speechssl.models import build_model
-    from speechssl.models.pretrained import load_pretrained, read_model_config, remove_pretraining_modules
+    from speechssl.models.pretrained import is_recipe, load_pretrained, read_model_config, remove_pretraining_modules
     from speechssl.train.checkpoint import load_checkpoint
 
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"upstream {spec}: file not found (a speechssl checkpoint, or 'fbank')")
+    if is_recipe(path):
+        if not random_init:
+            raise ConfigError(f"upstream {spec} is a recipe: it has an architecture but no weights; add "
+                              "--random-init to probe that architecture untrained, or give a checkpoint")
+        from speechssl.config import load_config
+
+        recipe = load_config(path)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = remove_pretraining_modules(build_model(recipe.model))
+        return model_upstream(model, f"random-init {recipe.model.name}", recipe.task.normalize, device)
     state = load_checkpoint(path)
     normalize = bool(state.get("config", {}).get("task", {}).get("normalize", False))
     if random_init:
