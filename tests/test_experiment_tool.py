@@ -54,6 +54,18 @@ def test_finished_steps_are_skipped_and_a_failure_names_the_log(tmp_path):
         exp.run_steps([_step(tmp_path, "x", after=["y"])], jobs=1)
 
 
+def test_a_finished_alone_step_does_not_hold_up_the_others(tmp_path):
+    """k-means labels (alone) finished in an earlier run: the pretraining and the baselines after it still run
+    side by side (a finished alone step used to wait for the running steps, serialising everything)."""
+    labels = _step(tmp_path, "labels", alone=True)
+    labels.done.write_text("[0, 0]")
+    steps = [_step(tmp_path, "pretrain", seconds=0.6), labels, _step(tmp_path, "after", after=["labels"]),
+             _step(tmp_path, "baseline")]
+    assert exp.run_steps(steps, jobs=2)["labels"] == 0.0 and not labels.log.exists()
+    span = {n: _span(tmp_path, n) for n in ("pretrain", "after", "baseline")}
+    assert span["after"][0] < span["pretrain"][1] and span["baseline"][0] < span["pretrain"][1]
+
+
 def test_table_reports_mean_std_and_the_ratio_to_scratch():
     rows = {"wav2vec2": {"ctc_test_wer": [90.0, 92.0], "ctc_test_cer": [40.0, 44.0], "probe_asr_cer": [50.0, 52.0],
                          "probe_sid_acc": [80.0, 82.0], "ctc_test_cer_by_seed": {"1": 40.0, "2": 44.0}},

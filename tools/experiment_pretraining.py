@@ -15,7 +15,10 @@ For every seed, with the same budget for every row:
    ID across recording sessions, against the FBANK baseline and the same architecture randomly initialised.
 
 Every step is a ``speechssl`` command in its own process; re-running the same command skips finished steps
-(and resumes an interrupted training), so it can be stopped and continued. Results: ``WORK/results.json``
+(and resumes an interrupted training), so it can be stopped and continued. With ``--jobs 2`` two steps run at a
+time, one thread each (pretraining too: these tiny models are as fast on one thread as on two), and the
+baselines that need no pretrained weights (CTC from scratch, the FBANK and random-init probes) start beside
+the first pretraining: a wav2vec 2.0 or data2vec 2.0 architecture is read from its recipe. Results: ``WORK/results.json``
 and the Markdown table ``WORK/results.md`` (mean +- standard deviation over the seeds).
 
     python tools/experiment_pretraining.py                       # 3 seeds, both objectives (~3-4 h, 2 cores)
@@ -137,9 +140,9 @@ def run_step(step: Step, threads: int) -> float:
 
 def run_steps(steps: list[Step], jobs: int) -> dict[str, float]:
     """Run ``steps`` respecting ``after``; steps marked ``alone`` never overlap another step."""
-    seconds: dict[str, float] = {}
-    pending = list(steps)
     finished = {s.name for s in steps if s.done.exists() and not s.resumable}
+    seconds = {name: 0.0 for name in finished}
+    pending = [s for s in steps if s.name not in finished]  # a finished step (alone or not) holds nothing up
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
         running: dict[concurrent.futures.Future, Step] = {}
         while pending or running:
