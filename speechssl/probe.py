@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from speechssl.tasks.probe import ProbeConfig, TASKS
 
     d = ProbeConfig()
-    p.add_argument("upstream", metavar="UPSTREAM", help="speechssl checkpoint, or 'fbank' (with --random-init: or a pretraining recipe)")
+    p.add_argument("upstream", metavar="UPSTREAM",
+                   help="speechssl checkpoint, or 'fbank' (with --random-init: or a pretraining recipe)")
     p.add_argument("manifest_dir", metavar="MANIFEST_DIR",
                    help="splits with .ltr/.wrd (asr) or .spk + dict.spk.txt (sid) labels")
     p.add_argument("--task", choices=TASKS, required=True)

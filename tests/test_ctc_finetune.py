@@ -338,3 +338,9 @@ def test_no_pretrained_weights_takes_the_architecture_of_a_pretraining_recipe(tm
     rec = tiny_ctc_recipe(tmp_path / "weights.yaml", corpus, tmp_path / "w", model={"w2v_path": str(recipe)})
     with pytest.raises(ConfigError, match="no_pretrained_weights=true"):
         build_ctc_finetuning(load_config(rec))
+    # a recipe by name, as everywhere else
+    from speechssl.config import ModelConfig
+    from speechssl.models.ctc import resolve_finetune_config
+
+    named = resolve_finetune_config(ModelConfig(w2v_path="wav2vec2_mel_tiny.yaml", no_pretrained_weights=True))
+    assert named.extractor_mode == "fbank" and named.encoder_layers == 6

@@ -102,15 +102,15 @@ def resolve_finetune_config(cfg: ModelConfig, task_normalize: Optional[bool] = N
     from speechssl.train.checkpoint import load_checkpoint
 
     path = Path(cfg.w2v_path)
-    if not path.is_file():
-        raise ConfigError(f"model.w2v_path={cfg.w2v_path}: file not found (a checkpoint of 'speechssl pretrain')")
-    if is_recipe(path):
+    if is_recipe(path):  # a file, or a recipe's name as everywhere else (find_recipe)
         if not cfg.no_pretrained_weights:
             raise ConfigError(f"model.w2v_path={path} is a recipe: it has an architecture but no weights; add "
                               "model.no_pretrained_weights=true to train that architecture from scratch, or give "
                               "a checkpoint of 'speechssl pretrain'")
         upstream = recipe_model_config(path)
     else:
+        if not path.is_file():
+            raise ConfigError(f"model.w2v_path={cfg.w2v_path}: file not found (a checkpoint of 'speechssl pretrain')")
         state = load_checkpoint(path)
         upstream = read_model_config(state, path)
         if task_normalize is not None:

@@ -145,9 +145,9 @@ def load_upstream(spec: str, random_init: bool = False, seed: int = 0,
     from speechssl.train.checkpoint import load_checkpoint
 
     path = Path(spec)
-    if not path.is_file():
+    if not is_recipe(path) and not path.is_file():
         raise ConfigError(f"upstream {spec}: file not found (a speechssl checkpoint, or 'fbank')")
-    if is_recipe(path):
+    if is_recipe(path):  # a file, or a recipe's name (find_recipe)
         if not random_init:
             raise ConfigError(f"upstream {spec} is a recipe: it has an architecture but no weights; add "
                               "--random-init to probe that architecture untrained, or give a checkpoint")
