@@ -107,7 +107,10 @@ def resolve_finetune_config(cfg: ModelConfig, task_normalize: Optional[bool] = N
             raise ConfigError(f"model.w2v_path={path} is a recipe: it has an architecture but no weights; add "
                               "model.no_pretrained_weights=true to train that architecture from scratch, or give "
                               "a checkpoint of 'speechssl pretrain'")
-        upstream = recipe_model_config(path)
+        try:
+            upstream = recipe_model_config(path)
+        except ConfigError as exc:
+            raise ConfigError(f"model.w2v_path={path}: {exc}") from None
     else:
         if not path.is_file():
             raise ConfigError(f"model.w2v_path={cfg.w2v_path}: file not found (a checkpoint of 'speechssl pretrain')")
