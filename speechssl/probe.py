@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest_dir", metavar="MANIFEST_DIR",
                    help="splits with .ltr/.wrd (asr) or .spk + dict.spk.txt (sid) labels")
     p.add_argument("--task", choices=TASKS, required=True)
-    p.add_argument("--random-init", action="store_true", help="the checkpoint's (or recipe's) architecture, untrained weights")
+    p.add_argument("--random-init", action="store_true",
+                   help="the checkpoint's (or recipe's) architecture, untrained weights")
     p.add_argument("--out", type=Path, help="write probe.json (and asr hypotheses) here")
     p.add_argument("--force", action="store_true", help="replace an existing --out/probe.json")
     p.add_argument("--updates", type=NON_NEGATIVE, default=0, help="downstream updates (0: 1500 asr, 600 sid)")

@@ -140,34 +140,35 @@ def load_upstream(spec: str, random_init: bool = False, seed: int = 0,
         if random_init:
             raise ConfigError("--random-init needs a checkpoint (its architecture), not fbank")
         return fbank_upstream()
+    from speechssl.config import load_config
     from speechssl.models import build_model
-    from speechssl.models.pretrained import is_recipe, load_pretrained, read_model_config, remove_pretraining_modules
+    from speechssl.models.pretrained import (is_recipe, load_pretrained, read_model_config, read_task_normalize,
+                                             remove_pretraining_modules)
     from speechssl.train.checkpoint import load_checkpoint
 
     path = Path(spec)
-    if not is_recipe(path) and not path.is_file():
-        raise ConfigError(f"upstream {spec}: file not found (a speechssl checkpoint, or 'fbank')")
     if is_recipe(path):  # a file, or a recipe's name (find_recipe)
         if not random_init:
             raise ConfigError(f"upstream {spec} is a recipe: it has an architecture but no weights; add "
                               "--random-init to probe that architecture untrained, or give a checkpoint")
-        from speechssl.config import load_config
-
-        recipe = load_config(path)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = remove_pretraining_modules(build_model(recipe.model))
-        return model_upstream(model, f"random-init {recipe.model.name}", recipe.task.normalize, device)
-    state = load_checkpoint(path)
-    normalize = bool(state.get("config", {}).get("task", {}).get("normalize", False))
-    if random_init:
+        try:
+            recipe = load_config(path)
+        except ConfigError as exc:
+            raise ConfigError(f"upstream {spec}: {exc}") from None
+        cfg, normalize = recipe.model, recipe.task.normalize
+    else:
+        if not path.is_file():
+            raise ConfigError(f"upstream {spec}: file not found (a speechssl checkpoint, or 'fbank')")
+        state = load_checkpoint(path)
+        normalize = read_task_normalize(state)
+        if not random_init:
+            model, cfg = load_pretrained(str(path), {"encoder_layerdrop": 0.0})
+            return model_upstream(model, f"{cfg.name} {path.name}", normalize, device)
         cfg = read_model_config(state, path)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = remove_pretraining_modules(build_model(cfg))
-        return model_upstream(model, f"random-init {cfg.name}", normalize, device)
-    model, cfg = load_pretrained(str(path), {"encoder_layerdrop": 0.0})
-    return model_upstream(model, f"{cfg.name} {path.name}", normalize, device)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = remove_pretraining_modules(build_model(cfg))
+    return model_upstream(model, f"random-init {cfg.name}", normalize, device)
 
 
 # --------------------------------------------------------------------------------------------------
