@@ -140,6 +140,23 @@ def test_ctc_learning_rates_are_chosen_per_row_on_valid_and_scored_on_test(tmp_p
     ctc = {s.name: s for s in steps if " ctc " in s.name}
     assert set(ctc) == {f"s{k} ctc {n}{x}" for k in (1, 2) for n in ("wav2vec2", "scratch") for x in ("", "_lr2e-04")}
     assert "optimization.lr=[0.0002]" in ctc["s1 ctc scratch_lr2e-04"].cmd
+    masked = exp.plan(exp.parse_args(["--work", str(tmp_path), "--seeds", "1", "--objectives", "wav2vec2",
+                                      "--ctc-override", "model.apply_mask=true", "--no-probes"]), man)[0]
+    for step in (s for s in masked if " ctc " in s.name):  # every CTC run, scratch too; nothing else
+        assert "model.apply_mask=true" in step.cmd
+    assert not any("model.apply_mask=true" in s.cmd for s in masked if " ctc " not in s.name)
+    for bad in ("model.apply_mask", "scrach:model.apply_mask=true", "scratch:=1"):
+        with pytest.raises(SystemExit, match=f"--ctc-override '{bad}'"):
+            exp.plan(exp.parse_args(["--work", str(tmp_path), "--ctc-override", bad]), man)
+    # one row only: the scratch row's runs get it, the pretrained row's do not (values may hold a colon)
+    rows = {s.name: s.cmd for s in exp.plan(exp.parse_args(
+        ["--work", str(tmp_path), "--seeds", "1", "--objectives", "wav2vec2", "--no-probes",
+         "--ctc-override", "scratch:model.mask_prob=0.5", "--ctc-override", "common.tensorboard_logdir=a:b"]), man)[0]}
+    assert "model.mask_prob=0.5" in rows["s1 ctc scratch"] and "model.mask_prob=0.5" not in rows["s1 ctc wav2vec2"]
+    assert all("common.tensorboard_logdir=a:b" in rows[f"s1 ctc {n}"] for n in ("scratch", "wav2vec2"))
+    text = exp.table({}, 1, exp.ctc_overrides(["scratch:model.mask_prob=0.5", "model.apply_mask=true"]))
+    assert "beyond recipes/ctc_mel_tiny.yaml, from scratch (same architecture): model.mask_prob=0.5" in text
+    assert "beyond recipes/ctc_mel_tiny.yaml, every row: model.apply_mask=true" in text
     assert not any(c.startswith("optimization.lr") for c in ctc["s1 ctc scratch"].cmd)
     assert str(tmp_path / "seed1/ctc_wav2vec2_lr2e-04") in " ".join(map(str, ctc["s1 ctc wav2vec2_lr2e-04"].cmd))
     ev = next(s for s in steps if s.name == "s2 eval wav2vec2_lr2e-04 test")

@@ -88,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated CTC learning rates (default: the recipe's): every row (scratch too) is "
                         "fine-tuned with each, and each row reports the one with the lowest valid CER, mean over "
                         "the seeds")
+    p.add_argument("--ctc-override", action="append", default=[], metavar="[ROW:]KEY=VALUE",
+                   help="extra fine-tuning setting (repeatable) for every CTC run, scratch too, or with ROW: (an "
+                        "objective or scratch) for that row's runs only, e.g. scratch:model.apply_mask=true; give "
+                        "the changed experiment its own --work: finished runs are not redone")
     p.add_argument("--probe-updates", type=int, default=0, help="ASR probe updates (0: speechssl probe's default)")
     p.add_argument("--no-probes", action="store_true", help="fine-tuning rows only")
     p.add_argument("--probe-seeds", default="", help="comma-separated seeds that are probed (default: every seed)")
@@ -192,6 +196,19 @@ def manifests(args) -> dict[str, Path]:
     return m
 
 
+def ctc_overrides(items: list[str]) -> dict[str, list[str]]:
+    """``--ctc-override`` items by row: ``""`` (every row) or an objective or ``scratch`` -> ``KEY=VALUE``s."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        key, eq, _ = item.partition("=")
+        row, colon, key = key.rpartition(":") if ":" in key else ("", "", key)
+        if not eq or not key or (colon and row not in (*OBJECTIVES, "scratch")):
+            raise SystemExit(f"--ctc-override {item!r}: expected [ROW:]KEY=VALUE with ROW one of "
+                             f"{', '.join((*OBJECTIVES, 'scratch'))}, e.g. scratch:model.apply_mask=true")
+        out.setdefault(row, []).append(item[len(row) + len(colon):])
+    return out
+
+
 def plan(args, man: dict[str, Path]) -> tuple[list[Step], dict[str, dict[str, Path]]]:
     """Every step of the experiment, and per seed the upstream checkpoints (name -> path)."""
     work = args.work
@@ -202,6 +219,7 @@ def plan(args, man: dict[str, Path]) -> tuple[list[Step], dict[str, dict[str, Pa
     for item in args.override:
         objective, _, kv = item.partition(":")
         over.setdefault(objective, []).append(kv)
+    ctc_over = ctc_overrides(args.ctc_override)
     objectives = [o for o in args.objectives.split(",") if o]
     only: dict[str, set[int]] = {}
     for item in args.objective_seeds:
@@ -250,7 +268,7 @@ def plan(args, man: dict[str, Path]) -> tuple[list[Step], dict[str, dict[str, Pa
             ups["hubert"] = it2 / "checkpoint_last.pt"
         pre = {name: [s.name for s in steps if s.done == path] for name, path in ups.items()}
         ctc = [f"task.data={man['labeled']}", *common] + (
-            [f"optimization.max_update={args.ctc_updates}"] if args.ctc_updates else [])
+            [f"optimization.max_update={args.ctc_updates}"] if args.ctc_updates else []) + ctc_over.get("", [])
         # the from-scratch row and the random-init probe use HuBERT's architecture when it is trained
         # (the encoders are the same; HuBERT's has no quantizer), else the first upstream's: read from its
         # recipe, so both baselines run beside the pretraining instead of after it (HuBERT's, and one whose
@@ -268,7 +286,8 @@ def plan(args, man: dict[str, Path]) -> tuple[list[Step], dict[str, dict[str, Pa
             for name, (model_args, after) in runs.items():
                 run = d / f"ctc_{name}{sfx}"
                 steps.append(Step(f"s{seed} ctc {name}{sfx}", speechssl(
-                    "finetune", CTC_RECIPE, *model_args, f"checkpoint.save_dir={run}", *ctc, *lr_over),
+                    "finetune", CTC_RECIPE, *model_args, f"checkpoint.save_dir={run}", *ctc,
+                    *ctc_over.get(name, []), *lr_over),
                     run / "checkpoint_best.pt", d / f"logs/ctc_{name}{sfx}.log", after=after, resumable=True))
                 for split in ("valid", "test"):
                     steps.append(Step(f"s{seed} eval {name}{sfx} {split}", speechssl(
@@ -352,7 +371,9 @@ LABELS = {"wav2vec2": "wav2vec 2.0 (log-mel tiny)", "hubert": "HuBERT iteration 
           "random": "same architecture, random init"}
 
 
-def table(rows: dict, seeds: int) -> str:
+def table(rows: dict, seeds: int, ctc_over: Optional[dict[str, list[str]]] = None) -> str:
+    """The Markdown table; ``ctc_over`` (:func:`ctc_overrides`): the fine-tuning settings beyond the recipe, listed
+    under it (a row fine-tuned differently from the others says so)."""
     out = [f"| upstream (mean ± std over {seeds} seed{'s' if seeds > 1 else ''}) | CTC lr | CTC test WER % | "
            "CTC test CER % | CER vs scratch | probe ASR test CER % | probe SID test accuracy % |",
            "|---|---|---|---|---|---|---|"]
@@ -368,6 +389,8 @@ def table(rows: dict, seeds: int) -> str:
         probes = [mean_std(r.get(k, []), seeds) for k in ("probe_asr_cer", "probe_sid_acc")]
         lr = f"{r['ctc_lr']:g}" if "ctc_lr" in r else "-"
         out.append(f"| {LABELS[name]} | {lr} | {cells[0]} | {cells[1]} | {ratio} | {probes[0]} | {probes[1]} |")
+    for row, kvs in (ctc_over or {}).items():
+        out.append(f"\nCTC settings beyond {CTC_RECIPE}, {'every row' if not row else LABELS[row]}: {' '.join(kvs)}")
     return "\n".join(out) + "\n"
 
 
@@ -381,7 +404,7 @@ def main(argv=None) -> int:
     steps, upstreams = plan(args, man)
     seconds = run_steps(steps, args.jobs)
     rows = collect(args, upstreams)
-    text = table(rows, len(upstreams))
+    text = table(rows, len(upstreams), ctc_overrides(args.ctc_override))
     minutes = {name: round(s / 60, 2) for name, s in seconds.items() if s}
     from speechssl.utils.io import atomic_write_text
 
