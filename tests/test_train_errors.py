@@ -241,7 +241,9 @@ def test_ctrl_c_says_which_update_the_next_run_resumes_from(corpus, tmp_path):
     _, man, recipe = corpus
     proc = subprocess.Popen(cli("pretrain", recipe, f"task.data={man}", f"checkpoint.save_dir={tmp_path}",
                                 "optimization.max_update=400", "checkpoint.save_interval_updates=2"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            # a shell's background job starts with SIGINT ignored, and so would the run: restore it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
 
     def saved_an_update_from_4_on():  # interval checkpoints rotate: the one of update 4 may be gone already
