@@ -16,7 +16,8 @@
 #    updates; beside it, the baselines that need no pretraining: CTC on the 10 labeled minutes from scratch
 #    (the same architecture, read from the recipe) and the frozen FBANK and random-init probes; then CTC and
 #    the frozen probes (ASR and speaker ID) of the pretrained model (every row fine-tuned as is best for it
-#    on valid, see below), scored on the test speakers; prints the table (21 minutes in all with a fresh corpus on 2 cores, measured);
+#    on valid, see below), scored on the test speakers; prints the table (21 minutes in all with a fresh
+#    corpus on 2 cores, measured);
 # 5. plots the pretraining curves.
 # DEMO_OBJECTIVE (data2vec2 | wav2vec2), DEMO_SEED (1), DEMO_CTC_UPDATES (the recipe's 1,500; masked runs
 # twice as many) and DEMO_PROBE_UPDATES (ASR probe updates: 600 here to keep the demo short; the README's table
